@@ -1,0 +1,122 @@
+"""Callbacks written once for every recipe: validation samples, adapter export, run statistics."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from finetune.media import log_samples, save_samples
+
+
+def _run_dir(trainer: L.Trainer) -> Path:
+    return Path(trainer.default_root_dir)
+
+
+class ValidationSamples(L.Callback):
+    """Generate with the real inference pipeline and the current weights at a fixed seed and fixed
+    prompts, every `every_n_steps` and at the end; save under `run_dir/samples/step_NNNNNN/` and log
+    to W&B as `val/samples`.
+
+    Args:
+        prompts: the validation prompts (the same every time, so samples are comparable).
+        every_n_steps: 0 disables the periodic samples (the final ones are still made if `at_end`).
+        seed: the generator seed of the first prompt (prompt i uses seed + i).
+        generate_kwargs: passed to the family's `generate` (steps, guidance scale, fps).
+    """
+
+    def __init__(self, prompts: list[str], every_n_steps: int = 0, at_end: bool = True, seed: int = 42,
+                 generate_kwargs: dict | None = None):
+        self.prompts = list(prompts)
+        self.every_n_steps, self.at_end, self.seed = every_n_steps, at_end, seed
+        self.generate_kwargs = dict(generate_kwargs or {})
+        self.last_step = -1
+
+    @rank_zero_only
+    def _sample(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self.last_step or not self.prompts:
+            return
+        self.last_step = step
+        was_training = module.training
+        module.eval()
+        # Sampling draws its noise from its own generators; keep the training draws untouched.
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            samples = module.family.generate(self.prompts, seed=self.seed, **self.generate_kwargs)
+        module.train(was_training)
+        paths = save_samples(samples, _run_dir(trainer) / "samples" / f"step_{step:06d}")
+        log_samples(trainer.loggers, samples, paths, step)
+        rank_zero_info(f"validation samples for step {step}: {paths[0].parent if paths else '-'}")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._sample(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        if self.at_end:
+            self._sample(trainer, module)
+
+
+class ExportAdapter(L.Callback):
+    """Write what was trained in the format inference tools load: the LoRA (diffusers
+    `pytorch_lora_weights.safetensors` with its rank/alpha metadata, or a PEFT adapter directory) or,
+    for a full finetune, the network in the checkpoint's own layout. At the end of training into
+    `run_dir/<dirname>/`, and every `every_n_steps` into `run_dir/<dirname>/step_NNNNNN/`."""
+
+    def __init__(self, dirname: str = "export", every_n_steps: int = 0):
+        self.dirname, self.every_n_steps = dirname, every_n_steps
+
+    @rank_zero_only
+    def export(self, trainer: L.Trainer, module: L.LightningModule, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        if module.adapter.is_lora:
+            path = module.family.save_lora(directory, adapter_name=module.adapter.adapter_name)
+        else:
+            path = module.family.save_full(directory)
+        rank_zero_info(f"exported {'LoRA' if module.adapter.is_lora else 'weights'} to {path}")
+        return path
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.export(trainer, module, _run_dir(trainer) / self.dirname / f"step_{trainer.global_step:06d}")
+
+    def on_train_end(self, trainer, module) -> None:
+        self.export(trainer, module, _run_dir(trainer) / self.dirname)
+
+
+class TrainingStats(L.Callback):
+    """Logs throughput (`train/samples_per_sec`, `train/step_time_s`) and memory (`train/peak_memory_gb`:
+    CUDA peak allocated on GPU, peak resident set size on CPU) every `log_every_n_steps` optimizer steps."""
+
+    def __init__(self, log_every_n_steps: int = 10):
+        self.log_every_n_steps = log_every_n_steps
+        self._start, self._samples, self._from_step = None, 0, 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self._start is None:
+            self._start, self._samples, self._from_step = time.perf_counter(), 0, trainer.global_step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._samples += len(batch["key"]) * trainer.world_size
+        steps = trainer.global_step - self._from_step
+        if steps < self.log_every_n_steps:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self._start
+        metrics = {"train/samples_per_sec": self._samples / elapsed, "train/step_time_s": elapsed / steps,
+                   "train/peak_memory_gb": _peak_memory_gb(module.device)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self._start = None
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

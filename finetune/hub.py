@@ -1,0 +1,45 @@
+"""Resolving `model.path`: a local directory, a hub id, or `tiny` (the family's tiny random model)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("COGFT_CACHE", Path.home() / ".cache" / "cog-finetune"))
+
+
+def resolve_pretrained(path: str, *, family: str, build_tiny: Callable[[Path], None],
+                       marker: str = "model_index.json") -> str:
+    """Return a local directory holding the checkpoint, or stop at once with a message that says how
+    to point at a local copy or run the tiny demo."""
+    if path == "tiny":
+        target = cache_root() / "tiny" / family
+        if not (target / marker).exists():
+            build_tiny(target)
+        return str(target)
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / marker).exists():
+            raise FileNotFoundError(
+                f"model.path={path!r} exists but has no {marker}: it is not a {family} checkpoint in "
+                f"the diffusers/transformers layout. Point model.path at the folder that holds {marker}.")
+        return str(local)
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"model.path={path!r}: no such directory. {_how_to(family)}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, allow_patterns=None)
+    except Exception as err:  # offline, unknown repo, gated repo, no disk: all say the same thing
+        raise FileNotFoundError(
+            f"model.path={path!r}: the weights could not be reached ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). {_how_to(family)}") from None
+
+
+def _how_to(family: str) -> str:
+    return (f"Download the checkpoint on a machine with network access (`huggingface-cli download "
+            f"<repo> --local-dir DIR`) and pass model.path=DIR, or run the offline demo with "
+            f"preset=tiny (a tiny random {family} built locally).")

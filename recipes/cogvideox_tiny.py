@@ -1,0 +1,53 @@
+"""A tiny random CogVideoX-2b, saved in the diffusers layout of THUDM/CogVideoX-2b.
+
+The real `CogVideoXPipeline.from_pretrained` loads it, so tests and the demo exercise the same loading,
+encoding and export code as the real model. Sizes: 32x32 pixels, 9 frames -> 4x4x3 latents.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from recipes.tiny_text import save_tiny_t5
+
+TINY_TEXT_DIM = 32
+
+# The scheduler config shipped with THUDM/CogVideoX-2b (5b: snr_shift_scale 1.0).
+SCHEDULER_2B = {
+    "_class_name": "CogVideoXDDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "clip_sample": False, "clip_sample_range": 1.0,
+    "num_train_timesteps": 1000, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+    "sample_max_value": 1.0, "set_alpha_to_one": True, "snr_shift_scale": 3.0, "steps_offset": 0,
+    "timestep_spacing": "trailing",
+}
+
+
+def save_tiny_cogvideox(root: str | Path, seed: int = 0, use_rotary: bool = True) -> Path:
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+
+    root = Path(root)
+    tmp = root.with_name(root.name + ".partial")
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, time_embed_dim=16,
+        text_embed_dim=TINY_TEXT_DIM, num_layers=2, sample_width=4, sample_height=4, sample_frames=9,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16,
+        use_rotary_positional_embeddings=use_rotary)
+    vae = AutoencoderKLCogVideoX(
+        block_out_channels=(8, 8, 8, 16), latent_channels=16, layers_per_block=1, norm_num_groups=4,
+        temporal_compression_ratio=4, sample_height=32, sample_width=32, scaling_factor=1.15258426)
+    transformer.save_pretrained(tmp / "transformer")
+    vae.save_pretrained(tmp / "vae")
+    save_tiny_t5(tmp, d_model=TINY_TEXT_DIM, seed=seed)
+    CogVideoXDDIMScheduler.from_config(SCHEDULER_2B).save_pretrained(tmp / "scheduler")
+    index = {"_class_name": "CogVideoXPipeline", "_diffusers_version": "0.42.1",
+             "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
+             "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
+             "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+             "vae": ["diffusers", "AutoencoderKLCogVideoX"]}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    tmp.rename(root)  # atomic: a half-written tiny model is never picked up
+    return root
