@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from datamodules.sampling import ResumableShuffle
 from datamodules.textfiles import DataError, read_lines
 from datamodules.video_io import count_frames, read_frames
 from finetune.hub import cache_root
@@ -80,7 +81,7 @@ class VideoDataModule(L.LightningDataModule):
         if self.root == "demo":
             from datamodules.demo_videos import write_demo_videos
 
-            return write_demo_videos(cache_root() / "data" / "demo_videos", count=self.demo_count)
+            return write_demo_videos(cache_root() / "data" / f"demo_videos_{self.demo_count}", count=self.demo_count)
         return Path(self.root).expanduser()
 
     def check(self) -> list[dict]:
@@ -131,10 +132,12 @@ class VideoDataModule(L.LightningDataModule):
     def train_dataloader(self):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
-        # Stateful: a resumed run continues mid-epoch with the same next batch; its own generator keeps
-        # the shuffle independent of the noise draws.
+        # Stateful: a resumed run continues mid-epoch with the batches an uninterrupted run would see.
+        # Its own generator: the loader's per-epoch worker seed must not consume the global RNG that
+        # the model's noise draws (restored on resume) come from.
+        sampler = ResumableShuffle(len(self.dataset), seed=self.seed)
         generator = torch.Generator().manual_seed(self.seed)
-        return StatefulDataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=generator,
+        return StatefulDataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, generator=generator,
                                   num_workers=self.num_workers, collate_fn=collate, drop_last=False)
 
 

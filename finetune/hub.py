@@ -28,7 +28,7 @@ def resolve_pretrained(path: str, *, family: str, build_tiny: Callable[[Path], N
                 f"the diffusers/transformers layout. Point model.path at the folder that holds {marker}.")
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise FileNotFoundError(f"model.path={path!r}: no such directory. {_how_to(family)}")
+        raise FileNotFoundError(f"model.path={path!r}: no such directory. {_how_to(family, '<repo>')}")
     from huggingface_hub import snapshot_download
 
     try:
@@ -36,10 +36,10 @@ def resolve_pretrained(path: str, *, family: str, build_tiny: Callable[[Path], N
     except Exception as err:  # offline, unknown repo, gated repo, no disk: all say the same thing
         raise FileNotFoundError(
             f"model.path={path!r}: the weights could not be reached ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). {_how_to(family)}") from None
+            f"{str(err).splitlines()[0] if str(err) else ''}). {_how_to(family, path)}") from None
 
 
-def _how_to(family: str) -> str:
-    return (f"Download the checkpoint on a machine with network access (`huggingface-cli download "
-            f"<repo> --local-dir DIR`) and pass model.path=DIR, or run the offline demo with "
+def _how_to(family: str, repo: str) -> str:
+    return (f"Download the checkpoint on a machine with network access (`hf download "
+            f"{repo} --local-dir DIR`) and pass model.path=DIR, or run the offline demo with "
             f"preset=tiny (a tiny random {family} built locally).")
