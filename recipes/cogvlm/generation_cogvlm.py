@@ -13,6 +13,10 @@ import torch
 class CogVLMGenerationMixin:
     """Adds `greedy_generate` to `CogVLMForCausalLM`."""
 
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        # peft's PeftModelForCausalLM (task_type="CAUSAL_LM") reads this attribute when it wraps a model.
+        return {"input_ids": input_ids, **kwargs}
+
     @torch.no_grad()
     def greedy_generate(
         self,

@@ -61,9 +61,10 @@ def vision_expert_mask(token_type_ids: torch.Tensor) -> torch.Tensor:
     return is_vision & F.pad(is_vision[:, 1:], (0, 1), value=False)
 
 
-def _route(x: torch.Tensor, vision_mask: torch.Tensor, vision_fn, language_fn) -> torch.Tensor:
-    """Apply vision_fn to the tokens in vision_mask and language_fn to the others (each expert sees only its tokens)."""
-    if not vision_mask.any():  # text-only batches and every cached decoding step
+def _route(x: torch.Tensor, vision_mask: torch.Tensor | None, vision_fn, language_fn) -> torch.Tensor:
+    """Apply vision_fn to the tokens in vision_mask and language_fn to the others (each expert sees only its tokens).
+    vision_mask None: no vision-expert token (text-only batches, every cached decoding step)."""
+    if vision_mask is None:
         return language_fn(x)
     vision_out = vision_fn(x[vision_mask])
     language_out = language_fn(x[~vision_mask])
@@ -273,6 +274,9 @@ class CogVLMModel(CogVLMPreTrainedModel):
                 f"token_type_ids mark {num_vision} vision tokens but no images were given: pass `images` "
                 "[num_images, 3, H, W] (cached decoding steps must use token type 0)."
             )
+        if isinstance(images, (list, tuple)):  # the published format: one list of images per sample
+            nested = [item if isinstance(item, (list, tuple)) else [item] for item in images]
+            images = torch.stack([image for item in nested for image in item])
         images = images.to(device=embeds.device, dtype=self.vision.patch_embedding.proj.weight.dtype)
         features = self.vision(images)  # [N, num_image_tokens, hidden]
         if features.shape[0] * features.shape[1] != num_vision:
@@ -295,8 +299,10 @@ class CogVLMModel(CogVLMPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """attention_mask covers past + new tokens (1 real, 0 padding); position_ids default to the CogVLM rule
-        (prefill) or continue from the cache (cached steps)."""
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        (prefill) or continue from the cache (cached steps). use_cache defaults to config.use_cache in eval mode
+        and to False in training, where a returned cache would only pin memory."""
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
             use_cache = False
         batch, length = input_ids.shape
@@ -319,6 +325,7 @@ class CogVLMModel(CogVLMPreTrainedModel):
 
         hidden_states = self.embed(input_ids, token_type_ids, images)
         vision_mask = vision_expert_mask(token_type_ids)
+        vision_mask = vision_mask if bool(vision_mask.any()) else None  # one host sync here, not one per expert call
         cos, sin = self.rotary_emb(position_ids, hidden_states.dtype)
         mask = _causal_padding_mask(attention_mask, length)
         presents = []
