@@ -61,8 +61,14 @@ class FinetuneModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._log_metrics("val", batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._log_metrics("test", batch)
+
+    def _log_metrics(self, split: str, batch: dict) -> None:
         for name, value in self.family.evaluate(batch).items():
-            self.log(f"val/{name}", value, batch_size=len(batch["key"]), sync_dist=True)
+            self.log(f"{split}/{name}", value, batch_size=len(batch["key"]), sync_dist=True)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

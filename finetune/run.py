@@ -51,10 +51,17 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, FinetuneModule, L.LightningDataMo
 
 
 def train(cfg: DictConfig) -> FinetuneModule:
+    """`mode=fit` trains (resuming from `ckpt_path`); `mode=test` evaluates the test split with the
+    weights of `ckpt_path` (or the base model) and logs `test/*`."""
+    if cfg.get("mode", "fit") not in ("fit", "test"):
+        raise ValueError(f"mode={cfg.mode!r}: use fit or test")
     trainer, module, datamodule, ckpt_path = build(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if cfg.get("mode", "fit") == "test":
+        trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    else:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     rank_zero_info(f"run directory: {run_dir.resolve()}")
     return module
