@@ -35,20 +35,37 @@ class CogVideoX(ModelFamily):
     def __init__(self, path: str = "THUDM/CogVideoX-2b", dtype: str = "bf16", height: int = 480,
                  width: int = 720, num_frames: int = 49, max_sequence_length: int = 226):
         super().__init__()
-        from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
+        from diffusers import CogVideoXPipeline
 
         from recipes.cogvideox_tiny import save_tiny_cogvideox
 
         self.path = path
+        local = resolve_pretrained(path, family="cogvideox", build_tiny=save_tiny_cogvideox)
+        pipe = CogVideoXPipeline.from_pretrained(local, dtype=parse_dtype(dtype))
+        self._attach(pipe, height, width, num_frames, max_sequence_length)
+
+    @classmethod
+    def from_pipeline(cls, pipe, height: int, width: int, num_frames: int, max_sequence_length: int = 226,
+                      path: str = "in-memory") -> "CogVideoX":
+        """Wrap components built in memory (benchmarks with random real-size weights)."""
+        self = cls.__new__(cls)
+        ModelFamily.__init__(self)
+        self.path = path
+        self._attach(pipe, height, width, num_frames, max_sequence_length)
+        return self
+
+    def _attach(self, pipe, height: int, width: int, num_frames: int, max_sequence_length: int) -> None:
+        from diffusers import CogVideoXDPMScheduler
+
         self.height, self.width, self.num_frames = height, width, num_frames
         self.max_sequence_length = max_sequence_length
-        local = resolve_pretrained(path, family="cogvideox", build_tiny=save_tiny_cogvideox)
-        self.pipe = CogVideoXPipeline.from_pretrained(local, dtype=parse_dtype(dtype))
+        self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
         # nn.Module attributes so Lightning moves and checkpoints them; the pipeline shares them.
-        self.transformer, self.vae, self.text_encoder = self.pipe.transformer, self.pipe.vae, self.pipe.text_encoder
+        self.transformer, self.vae, self.text_encoder = pipe.transformer, pipe.vae, pipe.text_encoder
         self.requires_grad_(False)
-        self.scheduler = CogVideoXDPMScheduler.from_config(self.pipe.scheduler.config)
+        # The training scheduler of the official finetune; same alphas as the shipped DDIM config.
+        self.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
         self._check_resolution()
 
     def _check_resolution(self) -> None:

@@ -1,0 +1,77 @@
+"""Engine pieces shared by every family: encoded cache, schedules, adapters, DDP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import compose
+from finetune.adapters import Full, LoRA
+from finetune.module import FinetuneModule
+from finetune.schedules import warmup_schedule
+from finetune.run import train
+from test_cogvideox_objective import fixed_batch, tiny_family
+
+
+def test_encoded_cache_skips_the_encoders_and_keeps_the_loss(tiny_cogvideox, tmp_path):
+    module = FinetuneModule(tiny_family(), LoRA(rank=4, alpha=4), optimizer=lambda p: torch.optim.AdamW(p),
+                            cache_dir=str(tmp_path))
+    batch = fixed_batch()
+    calls = []
+    encode = module.family.encode
+    module.family.encode = lambda b: calls.append(1) or encode(b)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        losses.append(module.family.training_loss(module.encode(batch)).item())
+    assert len(calls) == 1  # the second pass read the cache
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 2  # one file per sample
+    # a different resolution is a different namespace, never a stale hit
+    other = FinetuneModule(tiny_family(), LoRA(rank=4, alpha=4), optimizer=lambda p: torch.optim.AdamW(p),
+                           cache_dir=str(tmp_path))
+    other.family.height = 48
+    assert other.family.cache_namespace() != module.family.cache_namespace()
+
+
+@pytest.mark.parametrize("name", ["constant", "cosine"])
+def test_warmup_schedules(name):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_schedule(opt, total_steps=100, name=name, warmup_steps=10)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11) and lrs[10] == pytest.approx(1.0)
+    if name == "constant":
+        assert lrs[-1] == 1.0
+    else:
+        assert lrs[55] == pytest.approx(0.5, abs=0.02) and lrs[-1] < 0.01
+    with pytest.raises(ValueError, match="use 'constant' or 'cosine'"):
+        warmup_schedule(opt, 10, name="linear")
+
+
+def test_warmup_ratio_overrides_steps():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_schedule(opt, total_steps=800, name="cosine", warmup_steps=0, warmup_ratio=0.02)
+    assert sched.lr_lambdas[0](15) < 1.0 and sched.lr_lambdas[0](16) == pytest.approx(1.0)
+
+
+def test_full_finetune_selects_modules(tiny_cogvideox):
+    family = tiny_family()
+    Full(modules=["transformer_blocks.0."]).apply(family.transformer, ())
+    names = [n for n, p in family.transformer.named_parameters() if p.requires_grad]
+    assert names and all(n.startswith("transformer_blocks.0.") for n in names)
+    with pytest.raises(ValueError, match="matches no submodule"):
+        Full(modules=["nope"]).apply(tiny_family().transformer, ())
+
+
+def test_ddp_spawn_on_two_cpu_processes(tmp_path):
+    """DDP with gloo on CPU: both ranks train, rank zero exports once."""
+    cfg = compose(["recipe=cogvideox_lora", "preset=tiny", "logger=csv", f"run_dir={tmp_path}", "strategy=ddp_spawn",
+                   "trainer.devices=2", "trainer.max_steps=2", "callbacks.samples.every_n_steps=0",
+                   "callbacks.samples.at_end=false", "data.demo_count=4"])
+    train(cfg)
+    assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
