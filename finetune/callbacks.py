@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
 from finetune.media import log_samples, save_samples
 
 
 def _run_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.default_root_dir)
+
+
+def full_parameters(trainer: L.Trainer, module: L.LightningModule):
+    """Every rank enters: inside, the module's parameters are whole on every rank (FSDP1 shards them,
+    ZeRO-3 partitions them); for DDP and single-device runs nothing changes."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.summon_full_params(strategy.model, writeback=False, recurse=True)
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
 
 
 class ValidationSamples(L.Callback):
@@ -35,7 +53,6 @@ class ValidationSamples(L.Callback):
         self.generate_kwargs = dict(generate_kwargs or {})
         self.last_step = -1
 
-    @rank_zero_only
     def _sample(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
         if step == self.last_step or not self.prompts:
@@ -43,10 +60,16 @@ class ValidationSamples(L.Callback):
         self.last_step = step
         was_training = module.training
         module.eval()
+        # All ranks generate (sharded strategies need every rank in the forward); rank zero writes.
         # Sampling draws its noise from its own generators; keep the training draws untouched.
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with full_parameters(trainer, module), torch.random.fork_rng(devices=[]), torch.no_grad():
             samples = module.family.generate(self.prompts, seed=self.seed, **self.generate_kwargs)
         module.train(was_training)
+        if trainer.is_global_zero:
+            self._write(trainer, samples, step)
+        trainer.strategy.barrier()
+
+    def _write(self, trainer: L.Trainer, samples, step: int) -> None:
         paths = save_samples(samples, _run_dir(trainer) / "samples" / f"step_{step:06d}")
         log_samples(trainer.loggers, samples, paths, step)
         rank_zero_info(f"validation samples for step {step}: {paths[0].parent if paths else '-'}")
@@ -69,15 +92,17 @@ class ExportAdapter(L.Callback):
     def __init__(self, dirname: str = "export", every_n_steps: int = 0):
         self.dirname, self.every_n_steps = dirname, every_n_steps
 
-    @rank_zero_only
-    def export(self, trainer: L.Trainer, module: L.LightningModule, directory: Path) -> Path:
-        directory.mkdir(parents=True, exist_ok=True)
-        if module.adapter.is_lora:
-            path = module.family.save_lora(directory, adapter_name=module.adapter.adapter_name)
-        else:
-            path = module.family.save_full(directory)
-        rank_zero_info(f"exported {'LoRA' if module.adapter.is_lora else 'weights'} to {path}")
-        return path
+    def export(self, trainer: L.Trainer, module: L.LightningModule, directory: Path) -> None:
+        # All ranks gather (a collective under FSDP/ZeRO-3); rank zero writes.
+        with full_parameters(trainer, module):
+            if trainer.is_global_zero:
+                directory.mkdir(parents=True, exist_ok=True)
+                if module.adapter.is_lora:
+                    path = module.family.save_lora(directory, adapter_name=module.adapter.adapter_name)
+                else:
+                    path = module.family.save_full(directory)
+                rank_zero_info(f"exported {'LoRA' if module.adapter.is_lora else 'weights'} to {path}")
+        trainer.strategy.barrier()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
