@@ -81,8 +81,8 @@ class FinetuneModule(L.LightningModule):
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if k in self.trainable_state_dict()}
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # The noise and timestep draws continue exactly where they stopped after a resume.
         checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():

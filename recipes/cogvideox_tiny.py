@@ -25,7 +25,8 @@ SCHEDULER_2B = {
 }
 
 
-def save_tiny_cogvideox(root: str | Path, seed: int = 0, use_rotary: bool = True) -> Path:
+def save_tiny_cogvideox(root: str | Path, seed: int = 0, use_rotary: bool = True, patch_size_t: int | None = None) -> Path:
+    """`patch_size_t=2` gives a tiny CogVideoX1.5 (frames 16N+1, latent frames patched in pairs)."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 
     root = Path(root)
@@ -34,7 +35,7 @@ def save_tiny_cogvideox(root: str | Path, seed: int = 0, use_rotary: bool = True
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, time_embed_dim=16,
         text_embed_dim=TINY_TEXT_DIM, num_layers=2, sample_width=4, sample_height=4, sample_frames=9,
-        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16,
+        patch_size=2, patch_size_t=patch_size_t, temporal_compression_ratio=4, max_text_seq_length=16,
         use_rotary_positional_embeddings=use_rotary)
     vae = AutoencoderKLCogVideoX(
         block_out_channels=(8, 8, 8, 16), latent_channels=16, layers_per_block=1, norm_num_groups=4,

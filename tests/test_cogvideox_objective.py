@@ -143,3 +143,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_cogvideox):
         module.family.training_loss(module.encode(fixed_batch())).backward()
         grads.append(torch.cat([p.grad.flatten() for p in module.parameters() if p.requires_grad]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_cogvideox15_pads_odd_latent_frames_with_the_first(tmp_path):
+    """CogVideoX1.5 (patch_size_t=2): 17 frames -> 5 latent frames -> 6, the first one repeated
+    (official finetune), and the frame count must be 16N+1."""
+    from datamodules.textfiles import DataError
+    from recipes.cogvideox_tiny import save_tiny_cogvideox
+
+    path = save_tiny_cogvideox(tmp_path / "tiny15", patch_size_t=2)
+    with pytest.raises(DataError, match=r"num_frames=9 is not 16N\+1"):
+        CogVideoX(path=str(path), dtype="fp32", height=32, width=32, num_frames=9, max_sequence_length=16)
+    family = CogVideoX(path=str(path), dtype="fp32", height=32, width=32, num_frames=17, max_sequence_length=16)
+    g = torch.Generator().manual_seed(0)
+    batch = {"video": torch.rand(1, 17, 3, 32, 32, generator=g) * 2 - 1, "prompt": ["a red circle"], "key": ["k"]}
+    encoded = family.encode(batch)
+    torch.manual_seed(0)
+    latents = family.sample_latents(encoded)
+    assert latents.shape[1] == 6
+    torch.testing.assert_close(latents[:, 0], latents[:, 1])
+    loss = family.training_loss(encoded)
+    assert torch.isfinite(loss)
