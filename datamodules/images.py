@@ -1,0 +1,303 @@
+"""Image-caption data for text-to-image recipes, on Hugging Face `datasets`, in aspect-ratio buckets.
+
+Sources (`data.root`):
+- an image folder with `metadata.jsonl` or `metadata.csv` (columns `file_name` and `text` or `prompt`):
+  the Hugging Face `imagefolder` layout that CogKit's t2i data also uses;
+- a dataset written by `Dataset.save_to_disk`, a parquet file or folder of parquet files, or a Hugging Face
+  hub dataset name (`image_column` / `caption_column` name the columns);
+- `demo`: a generated set of coloured shapes with English and Chinese captions (datamodules/demo_images.py).
+
+`check()` reads every caption and image header before the model is loaded, so a bad caption file, a
+missing or unreadable image, or an empty caption stops the run at once with the file (and line) named.
+Each image goes to the bucket nearest its aspect ratio (datamodules/buckets.py), is resized to cover the
+bucket and centre-cropped, and scaled to [-1, 1]. Batches: `image` [B, 3, H, W], `prompt`, `key`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from datamodules.buckets import BucketBatchSampler, make_buckets, nearest_bucket
+from datamodules.textfiles import DataError
+from finetune.hub import cache_root
+
+CAPTION_COLUMNS = ("text", "prompt", "caption")
+EXIF_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
+
+
+def _decode_utf8(path: Path) -> list[str]:
+    raw = path.read_bytes()
+    lines = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}, line {number}: not valid UTF-8 ({err.reason} at byte {err.start}). Re-save the "
+                            f"file as UTF-8 (e.g. `iconv -f GBK -t UTF-8`).") from None
+    if lines:
+        lines[0] = lines[0].lstrip("\ufeff")
+    return lines
+
+
+def read_metadata(root: Path, caption_column: str | None) -> list[tuple[str, str, str]]:
+    """(image path, caption, where) rows of `root/metadata.jsonl` or `root/metadata.csv`."""
+    names = [caption_column] if caption_column else list(CAPTION_COLUMNS)
+    jsonl, table = root / "metadata.jsonl", root / "metadata.csv"
+    rows = []
+    if jsonl.is_file():
+        for number, line in enumerate(_decode_utf8(jsonl), start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{jsonl}, line {number}: not a JSON object ({err.msg}). Each line must look like "
+                                '{"file_name": "0001.png", "text": "a caption"}.') from None
+            rows.append((entry, f"{jsonl}, line {number}"))
+    elif table.is_file():
+        reader = csv.DictReader(_decode_utf8(table))
+        rows = [(entry, f"{table}, line {reader.line_num}") for entry in reader]
+    else:
+        raise DataError(f"data.root={root}: no metadata.jsonl or metadata.csv. Add one with a `file_name` and a "
+                        f"`text` (or `prompt`) column per image, or use data.root=demo.")
+    records = []
+    for entry, where in rows:
+        column = next((c for c in names if c in entry), None) if isinstance(entry, dict) else None
+        if column is None or "file_name" not in entry:
+            found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise DataError(f"{where}: needs `file_name` and one of {names}; found {found}.")
+        records.append((str(root / entry["file_name"]), entry[column], where))
+    return records
+
+
+def _caption(value, where: str) -> str:
+    if isinstance(value, (list, tuple)):  # several captions per image (COCO style): take the first
+        value = next((v for v in value if isinstance(v, str) and v.strip()), "")
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: empty or missing caption ({value!r}). Fill it in or remove the entry.")
+    return value.strip()
+
+
+def _resolve(source, relative_to: Path):
+    """An image given as a relative path string is relative to the dataset's folder."""
+    if isinstance(source, str) and not Path(source).is_absolute():
+        return str(relative_to / source)
+    return source
+
+
+def _open(source) -> Image.Image:
+    """`source`: a path, or a `datasets.Image(decode=False)` dict with `bytes` or `path`."""
+    if isinstance(source, dict):
+        return Image.open(io.BytesIO(source["bytes"])) if source.get("bytes") else Image.open(source["path"])
+    return Image.open(source)
+
+
+def _describe(source, where: str) -> str:
+    if isinstance(source, dict):
+        return f"{where} ({source.get('path') or 'embedded image bytes'})"
+    return str(source)
+
+
+def image_size(source, where: str) -> tuple[int, int]:
+    """(height, width) after EXIF rotation, from the header; a missing or unreadable file is a DataError."""
+    try:
+        with _open(source) as image:
+            width, height = image.size
+            transposed = image.getexif().get(0x0112) in EXIF_TRANSPOSED
+        with _open(source) as image:
+            image.verify()  # structure and checksums, without decoding the pixels
+    except FileNotFoundError:
+        raise DataError(f"{where}: image {_describe(source, where)} does not exist. Fix `file_name` (relative to "
+                        f"the data folder) or remove the entry.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{_describe(source, where)}: not a readable image ({type(err).__name__}: {err}). "
+                        f"Re-save it (PNG/JPEG/WebP) or remove it.") from None
+    return (width, height) if transposed else (height, width)
+
+
+def _source_key(source, caption: str, bucket: tuple[int, int]) -> str:
+    """Changes when the file (path, size, mtime; or the embedded bytes), the caption or the bucket changes."""
+    if isinstance(source, dict) and source.get("bytes"):
+        origin = hashlib.sha256(source["bytes"]).hexdigest()[:32]
+    else:
+        path = Path(source["path"] if isinstance(source, dict) else source)
+        stat = path.stat()
+        origin = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    text = hashlib.sha256(caption.encode("utf-8")).hexdigest()[:32]
+    return f"{origin}|{bucket[0]}x{bucket[1]}|{text}"
+
+
+def resize_crop(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """Scale to cover (height, width), crop the centre, RGB -> float [3, height, width] in [-1, 1]."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    scale = max(height / image.height, width / image.width)
+    new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    return (array / 127.5 - 1.0).clamp(-1.0, 1.0)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Args:
+        root: `demo`, an image folder with metadata.jsonl/.csv, a `save_to_disk` folder, a parquet file or
+            folder, or a hub dataset name (see the module docstring).
+        split: the split of a dataset with several (save_to_disk DatasetDict, hub, parquet).
+        image_column: the image column of a dataset (an `Image` feature or file paths).
+        caption_column: the caption column; null takes the first of text, prompt, caption.
+        dataset_config: the configuration name of a hub dataset that has several.
+        bucket_pixels: the buckets' area (1024^2: CogView4's native size); more pixels, more detail and memory.
+        min_side, max_side, bucket_multiple, max_pixels: bucket limits (CogView4: 512, 2048, 32, 2^21).
+        batch_size: per device; a batch never mixes buckets.
+        num_workers: decoding processes.
+        seed: the order of the batches (independent of the model's noise draws).
+        drop_last: drop each bucket's last incomplete batch (keeps every batch full).
+        demo_count: images in the generated demo set.
+    """
+
+    def __init__(self, root: str, split: str = "train", image_column: str = "image",
+                 caption_column: str | None = None, dataset_config: str | None = None,
+                 bucket_pixels: int = 1024 * 1024, min_side: int = 512, max_side: int = 2048,
+                 bucket_multiple: int = 32, max_pixels: int = 2**21, batch_size: int = 1, num_workers: int = 0,
+                 seed: int = 0, drop_last: bool = False, demo_count: int = 12):
+        super().__init__()
+        self.root, self.split, self.dataset_config = root, split, dataset_config
+        self.image_column, self.caption_column = image_column, caption_column
+        self.bucket_args = dict(target_pixels=bucket_pixels, min_side=min_side, max_side=max_side,
+                                multiple=bucket_multiple, max_pixels=max_pixels)
+        self.batch_size, self.num_workers, self.seed, self.drop_last = batch_size, num_workers, seed, drop_last
+        self.demo_count = demo_count
+        self.table: dict | None = None
+
+    # -- sources --------------------------------------------------------------------------------
+    def _folder(self) -> Path | None:
+        if self.root == "demo":
+            from datamodules.demo_images import write_demo_images
+
+            return write_demo_images(cache_root() / "data" / f"demo_images_{self.demo_count}", count=self.demo_count)
+        path = Path(self.root).expanduser()
+        if path.is_dir() and ((path / "metadata.jsonl").is_file() or (path / "metadata.csv").is_file()):
+            return path
+        return None
+
+    def _dataset(self):
+        """A `datasets.Dataset` with its image column undecoded (paths or bytes)."""
+        import datasets
+
+        path = Path(self.root).expanduser()
+        if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(path))
+        elif path.exists():
+            files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*.parquet"))
+            if not files:
+                raise DataError(f"data.root={self.root!r} has no metadata.jsonl, metadata.csv, saved dataset or "
+                                f"parquet files. See datamodules/images.py for the layouts, or use data.root=demo.")
+            ds = datasets.load_dataset("parquet", data_files=files, split="train")
+        elif self.root.startswith((".", "/", "~")):
+            raise DataError(f"data.root={self.root!r}: no such file or directory.")
+        else:
+            try:
+                ds = datasets.load_dataset(self.root, self.dataset_config, split=self.split)
+            except Exception as err:
+                raise DataError(f"data.root={self.root!r}: could not load it from the hub ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0] if str(err) else ''}). Download it where there is "
+                                f"network (`ds.save_to_disk(DIR)`) and pass data.root=DIR.") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if self.split not in ds:
+                raise DataError(f"data.root={self.root!r} has splits {sorted(ds)}; set data.split to one of them.")
+            ds = ds[self.split]
+        caption_column = self.caption_column or next((c for c in CAPTION_COLUMNS if c in ds.column_names), None)
+        for name, column in (("image_column", self.image_column), ("caption_column", caption_column)):
+            if column not in ds.column_names:
+                raise DataError(f"data.{name}={column!r} is not a column of {self.root!r}; its columns are "
+                                f"{ds.column_names}.")
+        ds = ds.select_columns([self.image_column, caption_column])
+        if isinstance(ds.features[self.image_column], datasets.Image):
+            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
+        relative_to = path if path.is_dir() else path.parent
+        return ds.rename_columns({self.image_column: "image", caption_column: "prompt"}), relative_to
+
+    # -- check, setup, loader -------------------------------------------------------------------
+    def check(self) -> dict:
+        """Validate captions, images and bucket limits before the model is loaded."""
+        if self.table is not None:
+            return self.table
+        buckets = make_buckets(**self.bucket_args)
+        folder = self._folder()
+        if folder is not None:
+            rows, base = read_metadata(folder, self.caption_column), None
+        else:
+            base, relative_to = self._dataset()
+            rows = ((_resolve(row["image"], relative_to), row["prompt"], f"{self.root}[{self.split}] row {index}")
+                    for index, row in enumerate(base))  # lazily: embedded images are not all held in memory
+        paths, prompts, keys, sizes = [], [], [], []
+        for source, caption, where in rows:
+            caption = _caption(caption, where)
+            bucket = nearest_bucket(*image_size(source, where), buckets)
+            prompts.append(caption)
+            sizes.append(bucket)
+            keys.append(_source_key(source, caption, bucket))
+            paths.append(source if isinstance(source, str) else None)
+        if not prompts:
+            raise DataError(f"data.root={self.root!r} holds no images.")
+        embedded = base is not None and not isinstance(paths[0], str)
+        self.table = {"images": base.select_columns(["image"]) if embedded else paths, "prompt": prompts,
+                      "key": keys, "bucket": sizes}
+        return self.table
+
+    def setup(self, stage: str | None = None) -> None:
+        import datasets
+
+        table = self.check()
+        heights = [h for h, _ in table["bucket"]]
+        widths = [w for _, w in table["bucket"]]
+        images = table["images"]
+        # file paths, or the source dataset's image column (embedded images stay in Arrow, on disk)
+        ds = datasets.Dataset.from_dict({"image": images}) if isinstance(images, list) else images
+        for name, values in (("prompt", table["prompt"]), ("key", table["key"]), ("height", heights),
+                             ("width", widths)):
+            ds = ds.add_column(name, values)
+        self.dataset = ds.with_transform(self._decode)
+
+    @staticmethod
+    def _decode(batch: dict) -> dict:
+        images = []
+        for source, height, width in zip(batch["image"], batch["height"], batch["width"]):
+            try:
+                with _open(source) as image:
+                    images.append(resize_crop(image, height, width))
+            except Exception as err:  # a truncated body passes the header check: still name the file
+                raise DataError(f"{_describe(source, 'dataset row')}: cannot be decoded ({type(err).__name__}: "
+                                f"{err}). Re-save or remove it.") from None
+        return {"image": images, "prompt": batch["prompt"], "key": batch["key"]}
+
+    def bucket_sampler(self) -> BucketBatchSampler:
+        return BucketBatchSampler(self.check()["bucket"], self.batch_size, seed=self.seed, drop_last=self.drop_last)
+
+    def train_dataloader(self):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        # Stateful: the bucket sampler's position is saved with checkpoints, so a resumed run continues
+        # mid-epoch with the same next batch.
+        # Its own generator: the loader's per-epoch worker seed must not consume the global RNG that the
+        # model's noise draws (restored on resume) come from.
+        generator = torch.Generator().manual_seed(self.seed)
+        return StatefulDataLoader(self.dataset, batch_sampler=self.bucket_sampler(), num_workers=self.num_workers,
+                                  collate_fn=collate, generator=generator)
+
+
+def collate(samples: list[dict]) -> dict:
+    return {"image": torch.stack([s["image"] for s in samples]), "prompt": [s["prompt"] for s in samples],
+            "key": [s["key"] for s in samples]}

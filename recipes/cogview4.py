@@ -1,0 +1,250 @@
+"""CogView4 text-to-image: loading, the flow-matching objective, padded-prompt masking, sampling and export.
+
+Objective (THUDM/CogKit `finetune/diffusion/models/cogview/cogview4/lora_trainer.py`, REFERENCE section 2):
+`sigma ~ U(0, 1)`, shifted by the resolution-dependent `mu = sqrt(image_seq_len / 256) * 0.75 + 0.25` to
+`sigma' = mu / (mu + (1 / sigma - 1))`; `x_t = (1 - sigma') x0 + sigma' eps`; the transformer predicts the
+velocity `eps - x0` and the loss is its MSE. The timestep the transformer sees is the *unshifted*
+`sigma * 1000`, as the installed `CogView4Pipeline` feeds it at inference (pinned by a test that records the
+pipeline's calls). Size conditioning: `original_size = target_size = (H, W)`, `crop_coords = (0, 0)`.
+
+Prompts (CogKit issue #39, diffusers #13621): the pipeline encodes a prompt left-padded to a multiple of 16
+tokens, and diffusers' `CogView4AttnProcessor` masks nothing (its 0/1 float mask is *added* to the logits).
+Training therefore encodes each prompt alone at its own padded length (exactly as inference does), pads the
+embeddings of a batch to its longest, and hides the extra positions from attention with a boolean key mask
+in `MaskedCogView4AttnProcessor`, so every sample gets the loss it would get alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune.family import ModelFamily, Sample, parse_dtype
+from finetune.hub import resolve_pretrained
+
+SIGMA_SAMPLING = ("uniform", "logit_normal")
+LOSS_WEIGHTING = ("none", "cosmap")
+
+
+class MaskedCogView4AttnProcessor:
+    """diffusers' `CogView4AttnProcessor` with a working text mask.
+
+    `attention_mask`: bool [B, text_len], True for real text positions. Masked positions are removed as
+    *keys* only (a query row always keeps the image tokens, so no row is all -inf and nothing turns NaN);
+    their own outputs are discarded by every later layer for the same reason. With no mask the computation
+    is the stock processor's, so inference through the pipeline is unchanged.
+    """
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        dtype = encoder_hidden_states.dtype
+        batch, text_len, _ = encoder_hidden_states.shape
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        query, key, value = (proj(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+                             for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query).to(dtype=dtype)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key).to(dtype=dtype)
+        if image_rotary_emb is not None:  # rotary positions on the image tokens only (text has none)
+            query[:, :, text_len:] = apply_rotary_emb(query[:, :, text_len:], image_rotary_emb, use_real_unbind_dim=-2)
+            key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], image_rotary_emb, use_real_unbind_dim=-2)
+        mask = None
+        if attention_mask is not None:
+            keep = torch.ones(batch, hidden_states.shape[1], dtype=torch.bool, device=query.device)
+            keep[:, :text_len] = attention_mask.to(device=query.device, dtype=torch.bool)
+            mask = keep[:, None, None, :]  # broadcast over heads and queries: a key mask
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        out = attn.to_out[1](attn.to_out[0](out))
+        encoder_out, image_out = out.split([text_len, out.shape[1] - text_len], dim=1)
+        return image_out, encoder_out
+
+
+def install_masked_attention(transformer: nn.Module) -> None:
+    for block in transformer.transformer_blocks:
+        block.attn1.set_processor(MaskedCogView4AttnProcessor())
+
+
+def round_up(value: int, multiple: int = 16) -> int:
+    return -(-value // multiple) * multiple
+
+
+class CogView4(ModelFamily):
+    """CogView4-6B text-to-image (Chinese and English prompts).
+
+    Args:
+        path: hub id (THUDM/CogView4-6B), a local diffusers checkpoint, or `tiny`.
+        dtype: weights of the frozen parts and the base transformer (CogView4 was trained in bf16);
+            trainable parameters are always kept in fp32.
+        height, width: size of the validation samples (training sizes come from the data's buckets).
+        max_sequence_length: GLM tokens kept per prompt (the pipeline's limit is 1024). Embeddings are
+            stored padded to this length (rounded up to 16): with `module.cache_dir` that is
+            `length x 4096 x 2` bytes per sample in bf16 (8 MiB at 1024); lower it if captions are short.
+        sigma_sampling: `uniform` (CogKit: t ~ U{0..999}) or `logit_normal` (SD3; more weight mid-noise).
+        logit_mean, logit_std: the logit-normal density's parameters.
+        loss_weighting: `none` (CogKit: plain MSE) or `cosmap` (SD3's weighting on the shifted sigma).
+    """
+
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __init__(self, path: str = "THUDM/CogView4-6B", dtype: str = "bf16", height: int = 1024,
+                 width: int = 1024, max_sequence_length: int = 1024, sigma_sampling: str = "uniform",
+                 logit_mean: float = 0.0, logit_std: float = 1.0, loss_weighting: str = "none"):
+        super().__init__()
+        from diffusers import CogView4Pipeline, FlowMatchEulerDiscreteScheduler
+
+        from recipes.cogview4_tiny import save_tiny_cogview4
+
+        if sigma_sampling not in SIGMA_SAMPLING or loss_weighting not in LOSS_WEIGHTING:
+            raise ValueError(f"model.sigma_sampling={sigma_sampling!r} / model.loss_weighting={loss_weighting!r}: "
+                             f"use one of {SIGMA_SAMPLING} / {LOSS_WEIGHTING}")
+        for name, value in (("height", height), ("width", width)):
+            if value % 32:
+                raise ValueError(f"model.{name}={value}: CogView4 needs multiples of 32 (VAE 8x, 2x2 patches, "
+                                 f"RoPE grid); use {value - value % 32 or 32}.")
+        self.path, self.dtype_name = path, dtype
+        self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
+        self.text_pad_length = round_up(max_sequence_length)
+        self.sigma_sampling, self.logit_mean, self.logit_std = sigma_sampling, logit_mean, logit_std
+        self.loss_weighting = loss_weighting
+        local = resolve_pretrained(path, family="cogview4", build_tiny=save_tiny_cogview4)
+        self.pipe = CogView4Pipeline.from_pretrained(local, dtype=parse_dtype(dtype))
+        self.pipe.set_progress_bar_config(disable=True)
+        # nn.Module attributes so Lightning moves and checkpoints them; the pipeline shares them.
+        self.transformer, self.vae, self.text_encoder = self.pipe.transformer, self.pipe.vae, self.pipe.text_encoder
+        self.requires_grad_(False)
+        install_masked_attention(self.transformer)
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        if self.vae.config.shift_factor not in (None, 0, 0.0):
+            raise ValueError(f"{local}: vae.config.shift_factor={self.vae.config.shift_factor}, but CogView4Pipeline "
+                             f"decodes latents / scaling_factor without a shift; training would not match inference.")
+
+    def trainable_module(self) -> nn.Module:
+        return self.transformer
+
+    def cache_namespace(self) -> str:
+        return f"cogview4|{self.path}|{self.dtype_name}|text{self.max_sequence_length}"
+
+    # -- frozen encoders ------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, batch: dict) -> dict[str, torch.Tensor]:
+        """`batch["image"]`: [B, 3, H, W] in [-1, 1] (one bucket). Returns the VAE posterior (mean and
+        logvar, so a cache still draws fresh latents) and the GLM embeddings of each prompt at its own
+        padded length, right-padded with zeros to `text_pad_length`, with `prompt_length`."""
+        image = batch["image"].to(self.vae.device, self.vae.dtype)
+        posterior = self.vae.encode(image).latent_dist
+        device = self.text_encoder.device
+        embeds = torch.zeros(len(batch["prompt"]), self.text_pad_length, self.text_encoder.config.hidden_size,
+                             dtype=self.text_encoder.dtype, device=device)
+        lengths = torch.zeros(len(batch["prompt"]), dtype=torch.long, device=device)
+        for i, prompt in enumerate(batch["prompt"]):
+            # One prompt at a time: the inference pipeline's own encoder, so the left padding (and the
+            # unmasked GLM attention over it) is exactly what a single-prompt `pipe(prompt)` computes.
+            emb = self.pipe._get_glm_embeds([prompt], self.max_sequence_length, device, self.text_encoder.dtype)[0]
+            embeds[i, : emb.shape[0]] = emb
+            lengths[i] = emb.shape[0]
+        return {"latent_mean": posterior.mean, "latent_logvar": posterior.logvar,
+                "prompt_embeds": embeds, "prompt_length": lengths}
+
+    # -- objective ------------------------------------------------------------------------------
+    def sample_latents(self, encoded: dict) -> torch.Tensor:
+        """`latent_dist.sample() * scaling_factor` (the pipeline decodes `latents / scaling_factor`)."""
+        mean, logvar = encoded["latent_mean"].float(), encoded["latent_logvar"].float()
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        return (mean + std * torch.randn_like(mean)) * self.vae.config.scaling_factor
+
+    def shift_mu(self, height: int, width: int) -> float:
+        """The pipeline's own `calculate_shift` on `image_seq_len = (H/8)(W/8)/patch^2`."""
+        from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift
+
+        scale, patch = self.pipe.vae_scale_factor, self.transformer.config.patch_size
+        image_seq_len = (height // scale) * (width // scale) // patch**2
+        cfg = self.scheduler.config
+        return calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("base_shift", 0.25),
+                               cfg.get("max_shift", 0.75))
+
+    def shifted_sigma(self, sigma: torch.Tensor, mu: float) -> torch.Tensor:
+        """The noise level for `sigma`: the scheduler's own time shift (linear for CogView4)."""
+        return self.scheduler.time_shift(mu, 1.0, sigma)
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """What the transformer is told: the unshifted `sigma * 1000` (CogView4Pipeline, diffusers 0.42.1)."""
+        return sigma * self.scheduler.config.num_train_timesteps
+
+    def sample_sigmas(self, n: int, device: torch.device) -> torch.Tensor:
+        if self.sigma_sampling == "uniform":
+            return torch.rand(n, device=device)
+        return torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, device=device))
+
+    def text_inputs(self, encoded: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings trimmed to the batch's longest prompt and the key mask (None when nothing is padded)."""
+        lengths = encoded["prompt_length"].long()
+        longest = int(lengths.max())
+        embeds = encoded["prompt_embeds"][:, :longest]
+        mask = torch.arange(longest, device=lengths.device)[None, :] < lengths[:, None]
+        return embeds, (None if bool(mask.all()) else mask)
+
+    def per_sample_loss(self, encoded: dict, noise: torch.Tensor | None = None, sigmas: torch.Tensor | None = None,
+                        x0: torch.Tensor | None = None) -> torch.Tensor:
+        x0 = self.sample_latents(encoded) if x0 is None else x0
+        batch, _, h, w = x0.shape
+        height, width = h * self.pipe.vae_scale_factor, w * self.pipe.vae_scale_factor
+        sigmas = self.sample_sigmas(batch, x0.device) if sigmas is None else sigmas.to(x0.device)
+        noise = torch.randn_like(x0) if noise is None else noise
+        shifted = self.shifted_sigma(sigmas.float(), self.shift_mu(height, width)).view(batch, 1, 1, 1)
+        x_t = (1.0 - shifted) * x0 + shifted * noise
+        embeds, mask = self.text_inputs(encoded)
+        dtype = self.transformer.dtype
+        sizes = torch.tensor([[height, width]] * batch, dtype=dtype, device=x0.device)
+        pred = self.transformer(
+            hidden_states=x_t.to(dtype), encoder_hidden_states=embeds.to(dtype), timestep=self.timestep(sigmas),
+            original_size=sizes, target_size=sizes, crop_coords=torch.zeros_like(sizes), attention_mask=mask,
+            return_dict=False)[0]
+        per_sample = ((pred.float() - (noise - x0)) ** 2).reshape(batch, -1).mean(dim=1)
+        if self.loss_weighting == "cosmap":  # SD3 (Esser et al. 2024), section 3.1
+            s = shifted.view(batch)
+            per_sample = per_sample * 2.0 / (torch.pi * (1.0 - 2.0 * s + 2.0 * s**2))
+        return per_sample
+
+    def training_loss(self, encoded: dict, noise: torch.Tensor | None = None,
+                      sigmas: torch.Tensor | None = None) -> torch.Tensor:
+        return self.per_sample_loss(encoded, noise=noise, sigmas=sigmas).mean()
+
+    # -- sampling and export --------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int, num_inference_steps: int = 50,
+                 guidance_scale: float = 3.5) -> list[Sample]:
+        samples = []
+        for i, prompt in enumerate(prompts):
+            generator = torch.Generator(device="cpu").manual_seed(seed + i)
+            image = self.pipe(prompt, height=self.height, width=self.width, num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale, max_sequence_length=self.max_sequence_length,
+                              generator=generator).images[0]
+            samples.append(Sample("image", image, prompt))
+        return samples
+
+    def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+        """diffusers format (`pytorch_lora_weights.safetensors`, keys `transformer.*`, rank/alpha/targets in
+        the header) for `CogView4Pipeline.load_lora_weights`."""
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.transformer, adapter_name=adapter_name)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        metadata = self.transformer.peft_config[adapter_name].to_dict()
+        type(self.pipe).save_lora_weights(directory, transformer_lora_layers=state,
+                                          transformer_lora_adapter_metadata=metadata)
+        return Path(directory) / "pytorch_lora_weights.safetensors"
+
+    def save_full(self, directory: str | os.PathLike) -> Path:
+        """The transformer in the checkpoint's layout (`transformer/`): pass it to
+        `CogView4Pipeline.from_pretrained(base, transformer=CogView4Transformer2DModel.from_pretrained(dir))`."""
+        path = Path(directory) / "transformer"
+        self.transformer.save_pretrained(path)
+        return path
