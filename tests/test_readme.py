@@ -42,6 +42,21 @@ def test_every_train_command_composes():
         assert cfg.model is not None and cfg.data is not None, command
 
 
+TINY_COMMANDS = [c for c in train_commands() if "preset=tiny" in c and "run_dir=" not in c
+                 and c != "python train.py recipe=cogvideox_lora preset=tiny"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", TINY_COMMANDS)
+def test_every_tiny_command_runs(command, tmp_path):
+    """The README's other offline commands, in-process (CSV logging instead of W&B to keep it quick)."""
+    from finetune.run import train
+
+    overrides = shlex.split(command)[2:] + [f"run_dir={tmp_path}", "logger=csv"]
+    train(compose(overrides))
+    assert list((tmp_path / "export").iterdir())
+
+
 @pytest.mark.slow
 def test_demo_command_trains_exports_and_writes_videos(tmp_path):
     """The README's main job, as a subprocess, W&B offline without credentials."""
