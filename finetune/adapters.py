@@ -19,6 +19,8 @@ class LoRA:
         target_modules: module names to adapt; None takes the family's official default.
         init_lora_weights: peft's init (True: B = 0, so training starts from the base model).
         dropout: LoRA dropout.
+        modules: submodules trained fully next to the LoRA (matched as in `Full`; peft `modules_to_save`, so they
+            are saved in the adapter), e.g. CogVLM's ViT MLPs of layers 46-54 in the official captcha finetune.
     """
 
     rank: int = 128
@@ -27,13 +29,15 @@ class LoRA:
     init_lora_weights: bool | str = True
     dropout: float = 0.0
     adapter_name: str = "default"
+    modules: list[str] | None = None
 
     def apply(self, module: nn.Module, default_targets: tuple[str, ...]) -> None:
         from peft import LoraConfig
 
         config = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
                             init_lora_weights=self.init_lora_weights,
-                            target_modules=list(self.target_modules or default_targets))
+                            target_modules=list(self.target_modules or default_targets),
+                            modules_to_save=matching_modules(module, self.modules) if self.modules else None)
         if hasattr(module, "add_adapter"):
             module.add_adapter(config, adapter_name=self.adapter_name)
         else:  # plain nn.Module: inject in place, the same layers and key names as add_adapter
@@ -57,17 +61,21 @@ class Full:
     def apply(self, module: nn.Module, default_targets: tuple[str, ...]) -> None:
         if not self.modules:
             module.requires_grad_(True)
-        else:
-            matched = [m for name, m in module.named_modules() if any(s in name for s in self.modules)]
-            if not matched:
-                raise ValueError(f"adapter.modules={self.modules} matches no submodule of {type(module).__name__}")
-            for m in matched:
-                m.requires_grad_(True)
+        for name in matching_modules(module, self.modules) if self.modules else ():
+            module.get_submodule(name).requires_grad_(True)
         keep_trainable_in_fp32(module)
 
     @property
     def is_lora(self) -> bool:
         return False
+
+
+def matching_modules(module: nn.Module, names: list[str]) -> list[str]:
+    """Qualified names of the outermost submodules whose name contains one of `names`."""
+    matched = [name for name, _ in module.named_modules() if name and any(s in name for s in names)]
+    if not matched:
+        raise ValueError(f"adapter.modules={list(names)} matches no submodule of {type(module).__name__}")
+    return [name for name in matched if not any(name.startswith(m + ".") for m in matched)]
 
 
 def keep_trainable_in_fp32(module: nn.Module) -> None:

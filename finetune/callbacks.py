@@ -1,4 +1,4 @@
-"""Callbacks written once for every recipe: validation samples, adapter export, run statistics."""
+"""Callbacks written once for every recipe: validation samples, adapter export, run statistics, prediction tables."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from finetune.media import log_samples, save_samples
@@ -145,3 +146,56 @@ def _peak_memory_gb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class PredictionsTable(L.Callback):
+    """Per-sample results of validation and test (`family.last_predictions()`: key, label, prediction, scores)
+    with the batch's `preview` images: all rows written to `run_dir/predictions/<split>_step_NNNNNN.tsv`, the first
+    `max_images` with their image logged to W&B as the table `<split>/predictions` (other loggers get only the
+    metrics), and the epoch's mean scores printed.
+    """
+
+    def __init__(self, max_images: int = 32):
+        self.max_images = max_images
+        self.rows: list[dict] = []
+
+    def _collect(self, module, batch) -> None:
+        previews = batch.get("preview") or []
+        for i, record in enumerate(module.family.last_predictions()):
+            image = previews[i] if i < len(previews) and len(self.rows) < self.max_images else None
+            self.rows.append({**record, "image": image})
+
+    def _write(self, trainer: L.Trainer, split: str) -> None:
+        rows, self.rows = self.rows, []
+        if not rows or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        columns = [c for c in rows[0] if c != "image"]
+        path = _run_dir(trainer) / "predictions" / f"{split}_step_{step:06d}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = ["\t".join(columns)] + ["\t".join(str(row[c]) for c in columns) for row in rows]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        scores = {c: sum(float(row[c]) for row in rows) / len(rows) for c in columns
+                  if isinstance(rows[0][c], (bool, int, float))}
+        summary = ", ".join(f"{split}/{name} {value:.4f}" for name, value in scores.items())
+        rank_zero_info(f"step {step}: {summary} on {len(rows)} samples (rank 0); predictions: {path}")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                data = [[wandb.Image(row["image"]), *(row[c] for c in columns)]
+                        for row in rows[:self.max_images] if row["image"] is not None]
+                logger.experiment.log({f"{split}/predictions": wandb.Table(columns=["image", *columns], data=data),
+                                       "trainer/global_step": step})
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(module, batch)
+
+    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(module, batch)
+
+    def on_validation_epoch_end(self, trainer, module) -> None:
+        self._write(trainer, "val")
+
+    def on_test_epoch_end(self, trainer, module) -> None:
+        self._write(trainer, "test")

@@ -73,6 +73,16 @@ class ModelFamily(nn.Module, ABC):
         """Validation metrics on a batch of the validation split (families with a metric)."""
         return {}
 
+    def last_predictions(self) -> list[dict]:
+        """Per-sample results of the latest `evaluate` call, e.g. {"key", "label", "prediction", "acc"}, for
+        prediction tables (`finetune.callbacks.PredictionsTable`)."""
+        return []
+
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default") -> None:
+        """Load an adapter written by `save_lora` into the trainable network (`adapter_path=DIR`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load an exported adapter (adapter_path); "
+                                  f"evaluate a training checkpoint with ckpt_path instead")
+
     @abstractmethod
     def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
         """Write the adapter in the format the ecosystem loads; returns the written file or dir."""

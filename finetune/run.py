@@ -41,6 +41,10 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, FinetuneModule, L.LightningDataMo
     module = FinetuneModule(family=instantiate(cfg.model), adapter=instantiate(cfg.adapter),
                             optimizer=instantiate(cfg.optimizer), lr_scheduler=instantiate(cfg.lr_scheduler),
                             **cfg.module)
+    if cfg.get("adapter_path"):  # an exported adapter (family.save_lora) as the weights, e.g. with mode=test
+        if ckpt_path:
+            raise ValueError("pass ckpt_path or adapter_path, not both: a checkpoint already holds the adapter")
+        module.family.load_adapter(cfg.adapter_path, adapter_name=getattr(module.adapter, "adapter_name", "default"))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     logger = instantiate(cfg.logger)
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), strategy=instantiate(cfg.strategy),
@@ -52,7 +56,7 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, FinetuneModule, L.LightningDataMo
 
 def train(cfg: DictConfig) -> FinetuneModule:
     """`mode=fit` trains (resuming from `ckpt_path`); `mode=test` evaluates the test split with the
-    weights of `ckpt_path` (or the base model) and logs `test/*`."""
+    weights of `ckpt_path`, of an exported adapter (`adapter_path`), or of the base model, and logs `test/*`."""
     if cfg.get("mode", "fit") not in ("fit", "test"):
         raise ValueError(f"mode={cfg.mode!r}: use fit or test")
     trainer, module, datamodule, ckpt_path = build(cfg)

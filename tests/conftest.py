@@ -45,6 +45,14 @@ def tiny_cogvideox(cache_dir) -> str:
     return resolve_pretrained("tiny", family="cogvideox", build_tiny=save_tiny_cogvideox)
 
 
+@pytest.fixture(scope="session")
+def tiny_cogvlm(cache_dir) -> str:
+    from finetune.hub import resolve_pretrained
+    from recipes.cogvlm import save_tiny_cogvlm
+
+    return resolve_pretrained("tiny", family="cogvlm", build_tiny=save_tiny_cogvlm, marker="config.json")
+
+
 def compose(overrides: list[str]):
     """The real config as `train.py` composes it."""
     from hydra import compose as hydra_compose

@@ -109,3 +109,51 @@ def test_load_lora_snippet(tiny_cogvideox, tmp_path):
     exec(snippet, scope)
     assert scope["pipe"].transformer.peft_config["mine"].r == 4
     assert torch.is_tensor(scope["pipe"].transformer.proj_out.weight)
+
+
+@pytest.fixture(scope="module")
+def cogvlm_export(tiny_cogvlm, tmp_path_factory):
+    """A tiny CogVLM with a non-trivial LoRA, exported as the recipe exports it."""
+    import torch
+
+    from finetune.adapters import LoRA
+    from recipes.cogvlm.family import CogVLM
+
+    family = CogVLM(path=tiny_cogvlm, dtype="fp32")
+    LoRA(rank=4, alpha=8, init_lora_weights="gaussian").apply(family.trainable_module(), family.lora_target_modules)
+    out = tmp_path_factory.mktemp("cogvlm_export")
+    family.save_lora(out)
+    return out
+
+
+def test_predict_command_from_readme(tiny_cogvlm, cogvlm_export, tmp_path):
+    from datamodules.captcha_sources import CaptchaGenerator
+
+    generator = CaptchaGenerator(count=3, length=2, charset="0123456789", width=60, height=60)
+    for index, name in enumerate(["img1.png", "img2.jpg"]):
+        generator.image(index).convert("RGB").save(tmp_path / name)
+    command = block_after("predict").replace("THUDM/cogvlm-base-490-hf", tiny_cogvlm).replace(
+        "outputs/cogvlm_captcha_lora/RUN/export", str(cogvlm_export))
+    command = command.replace("img1.png", str(tmp_path / "img1.png")).replace("img2.jpg", str(tmp_path / "img2.jpg"))
+    result = run(command, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(tmp_path / "img1.png"), str(tmp_path / "img2.jpg")]
+
+
+def test_merge_snippet_from_readme(tiny_cogvlm, cogvlm_export, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    monkeypatch.chdir(tmp_path)
+    snippet = block_after("merge").replace('"THUDM/cogvlm-base-490-hf"', repr(tiny_cogvlm)).replace(
+        '"outputs/cogvlm_captcha_lora/RUN/export"', repr(str(cogvlm_export))).replace("torch.bfloat16", "torch.float32")
+    exec(snippet, {})
+    keys = set()
+    for shard in (tmp_path / "merged").glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            keys |= set(f.keys())
+    base = set()
+    for shard in Path(tiny_cogvlm).glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            base |= set(f.keys())
+    assert keys == base  # the merged model has exactly the base checkpoint's key names

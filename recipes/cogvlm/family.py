@@ -1,0 +1,232 @@
+"""CogVLM as a model family: loading, the captioning loss, exact-match evaluation, PEFT and merged export.
+
+Objective: next-token cross-entropy on the answer tokens and EOS only (labels -100 elsewhere, built by
+`prompting.build_conversation_input_ids`), as the official captcha finetune (THUDM/CogVLM `finetune_demo/
+finetune_cogvlm_demo.py`, `forward_step`). Evaluation: greedy decoding of the prompt, then `acc` (exact match)
+and `acc_w/o_case` (case-insensitive), the metrics of its `forward_step_eval`, on whitespace-stripped strings.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from finetune.family import ModelFamily, parse_dtype
+from finetune.hub import resolve_pretrained
+
+from .modeling_cogvlm import CogVLMForCausalLM
+from .tiny import save_tiny_cogvlm
+
+# Names for `model.lora_targets` -> peft target names (a module matches when its qualified name ends with one).
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "language_expert_attention": ("language_expert_query_key_value", "language_expert_dense"),
+    "vision_expert_attention": ("vision_expert_query_key_value", "vision_expert_dense"),
+    "language_expert_mlp": ("language_mlp.gate_proj", "language_mlp.up_proj", "language_mlp.down_proj"),
+    "vision_expert_mlp": ("vision_mlp.gate_proj", "vision_mlp.up_proj", "vision_mlp.down_proj"),
+    "vit_attention": ("attention.query_key_value", "attention.dense"),
+    "vit_mlp": ("mlp.fc1", "mlp.fc2"),
+    "vision_adapter": ("linear_proj.linear_proj", "linear_proj.dense_h_to_4h", "linear_proj.gate_proj",
+                       "linear_proj.dense_4h_to_h"),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def lora_target_modules(names) -> tuple[str, ...]:
+    unknown = [name for name in names if name not in LORA_TARGETS]
+    if unknown or not names:
+        raise ValueError(f"model.lora_targets={list(names)}: unknown {unknown or 'empty list'}; use some of "
+                         f"{sorted(LORA_TARGETS)}.")
+    return tuple(target for name in names for target in LORA_TARGETS[name])
+
+
+def load_tokenizer(model_dir: str | os.PathLike, tokenizer_path: str | None = "lmsys/vicuna-7b-v1.5"):
+    """The tokenizer in the model folder when it has one (the tiny model, merged exports), else `tokenizer_path`:
+    the THUDM/cogvlm-*-hf repositories ship none and use lmsys/vicuna-7b-v1.5's."""
+    from transformers import AutoTokenizer
+
+    from .configuration_cogvlm import CogVLMConfig
+
+    local = any((Path(model_dir) / f).exists() for f in TOKENIZER_FILES)
+    try:
+        if local:  # the config is passed so AutoTokenizer does not re-read config.json as an unknown model type
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), config=CogVLMConfig.from_pretrained(model_dir))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    except Exception as err:
+        raise FileNotFoundError(
+            f"no tokenizer in {model_dir} and tokenizer_path={tokenizer_path!r} could not be loaded "
+            f"({type(err).__name__}). Download it (`hf download lmsys/vicuna-7b-v1.5 --local-dir DIR`) and pass "
+            f"model.tokenizer_path=DIR.") from None
+    if tokenizer.pad_token_id is None:  # CogVLM pads (and fills image slots) with <unk> = 0
+        tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer
+
+
+def decode_answers(tokenizer, new_tokens: torch.Tensor) -> list[str]:
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def exact_match(predictions: list[str], labels: list[str]) -> dict[str, list[float]]:
+    """Per-sample `acc` (exact) and `acc_w/o_case` (case-insensitive) on whitespace-stripped strings."""
+    pairs = [(p.strip(), t.strip()) for p, t in zip(predictions, labels, strict=True)]
+    return {"acc": [float(p == t) for p, t in pairs], "acc_w/o_case": [float(p.lower() == t.lower()) for p, t in pairs]}
+
+
+def merged_state_dict(model: nn.Module, dtype: torch.dtype, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The state dict in the base checkpoint's key names with the LoRA merged (W + alpha / r * B @ A) and the
+    fully trained copies (peft `modules_to_save`) in place of their originals; cast to `dtype`."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {f"{name}.weight": module.get_delta_weight(adapter_name).float() for name, module in model.named_modules()
+              if isinstance(module, LoraLayer) and adapter_name in module.lora_A}
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".lora_" in key or ".original_module." in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        if ".modules_to_save." in key:  # <module>.modules_to_save.<adapter>.<param> -> <module>.<param>
+            module, rest = key.split(".modules_to_save.")
+            adapter, param = rest.split(".", 1)
+            if adapter != adapter_name:
+                continue
+            key = f"{module}.{param}"
+        value = value.detach().float() + deltas[key] if key in deltas else value.detach()
+        state[key] = value.to("cpu", dtype).contiguous()
+    return state
+
+
+class CogVLM(ModelFamily):
+    """CogVLM (THUDM/cogvlm-base-490-hf, -base-224-hf, -chat-hf) on the native model of `recipes.cogvlm`.
+
+    Args:
+        path: hub id, a local checkpoint folder (config.json + safetensors), or `tiny`.
+        tokenizer_path: used when the model folder has no tokenizer (the THUDM repos have none).
+        dtype: weights of the base model (bf16 as the official finetune); trainable weights stay fp32.
+        lora_targets: what LoRA adapts, by name (`LORA_TARGETS`); the official recipe: language expert attention
+            and ViT attention. Used when `adapter.target_modules` is null.
+        max_new_tokens: greedy decoding budget in evaluation (captcha labels: 4-6 characters + EOS).
+    """
+
+    def __init__(self, path: str = "THUDM/cogvlm-base-490-hf", tokenizer_path: str = "lmsys/vicuna-7b-v1.5",
+                 dtype: str = "bf16", lora_targets: list[str] = ("language_expert_attention", "vit_attention"),
+                 max_new_tokens: int = 10):
+        super().__init__()
+        self.lora_target_modules = lora_target_modules(lora_targets)
+        self.path, self.max_new_tokens, self.weight_dtype = path, max_new_tokens, parse_dtype(dtype)
+        self.local_path = resolve_pretrained(path, family="cogvlm", build_tiny=save_tiny_cogvlm, marker="config.json")
+        self.tokenizer = load_tokenizer(self.local_path, tokenizer_path)
+        self.model = CogVLMForCausalLM.from_pretrained(self.local_path, dtype=self.weight_dtype)
+        self.model.requires_grad_(False)
+        self._predictions: list[dict] = []
+
+    def trainable_module(self) -> nn.Module:
+        return self.model
+
+    def encode(self, batch: dict) -> dict:
+        return batch  # tokenized and preprocessed by the data module; no frozen encoder to cache
+
+    def training_loss(self, encoded: dict) -> torch.Tensor:
+        return self.model(input_ids=encoded["input_ids"], images=encoded["images"],
+                          token_type_ids=encoded["token_type_ids"], attention_mask=encoded["attention_mask"],
+                          labels=encoded["labels"]).loss
+
+    @torch.no_grad()
+    def predict(self, input_ids, images, token_type_ids, attention_mask) -> list[str]:
+        new_tokens = self.model.greedy_generate(input_ids, images=images, token_type_ids=token_type_ids,
+                                                attention_mask=attention_mask, max_new_tokens=self.max_new_tokens,
+                                                eos_token_id=self.tokenizer.eos_token_id,
+                                                pad_token_id=self.tokenizer.pad_token_id)
+        return decode_answers(self.tokenizer, new_tokens)
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict) -> dict[str, float]:
+        """`loss` on the labelled batch, then greedy decoding of the prompts: `acc`, `acc_w/o_case`."""
+        loss = self.training_loss(batch)
+        predictions = self.predict(batch["prompt_input_ids"], batch["images"], batch["prompt_token_type_ids"],
+                                   batch["prompt_attention_mask"])
+        scores = exact_match(predictions, batch["label"])
+        self._predictions = [{"key": key, "label": label, "prediction": prediction,
+                              **{name: values[i] for name, values in scores.items()}}
+                             for i, (key, label, prediction) in enumerate(zip(batch["key"], batch["label"], predictions))]
+        return {"loss": float(loss), **{name: sum(v) / len(v) for name, v in scores.items()}}
+
+    def last_predictions(self) -> list[dict]:
+        return self._predictions
+
+    def enable_gradient_checkpointing(self) -> None:
+        # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias).
+        enable = getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
+        enable()
+
+    # -- export -----------------------------------------------------------------------------------
+    def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+        """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors, keys `base_model.model.*`,
+        fully trained modules included): `PeftModel.from_pretrained(CogVLMForCausalLM.from_pretrained(base), dir)`."""
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = get_peft_model_state_dict(self.model, adapter_name=adapter_name)
+        state = {f"base_model.model.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()}
+        save_file(state, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+        config = copy.deepcopy(self.model.peft_config[adapter_name])
+        config.base_model_name_or_path = self.local_path if self.path == "tiny" else self.path
+        config.inference_mode = True
+        config.save_pretrained(str(directory))
+        return directory
+
+    def save_full(self, directory: str | os.PathLike) -> Path:
+        """The model (LoRA merged, trained modules in place) in the checkpoint's layout and key names: sharded
+        safetensors + index, config.json and the tokenizer, so `from_pretrained(dir)` needs nothing else."""
+        from huggingface_hub import save_torch_state_dict
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_torch_state_dict(merged_state_dict(self.model, self.weight_dtype), directory, max_shard_size="5GB",
+                              metadata={"format": "pt"})
+        config = copy.deepcopy(self.model.config)
+        config.dtype = self.weight_dtype
+        config.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        return directory
+
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default") -> None:
+        """Load a `save_lora` folder into the adapter the recipe added (same rank, alpha, targets), or inject it
+        when the model has none."""
+        from peft import LoraConfig
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"adapter_path={str(path)!r} has no adapter_config.json: pass the export folder "
+                                    f"of a LoRA run (run_dir/export).")
+        current = getattr(self.model, "peft_config", {}).get(adapter_name)
+        if current is None:
+            self.model.load_adapter(str(path), adapter_name=adapter_name)
+            return
+        saved = LoraConfig.from_pretrained(str(path))
+        fields = {"r": "adapter.rank", "lora_alpha": "adapter.alpha", "target_modules": "adapter.target_modules",
+                  "modules_to_save": "adapter.modules"}
+        differ = [f"{option}={_normal(getattr(saved, name))}" for name, option in fields.items()
+                  if _normal(getattr(saved, name)) != _normal(getattr(current, name))]
+        if differ:
+            raise ValueError(f"the adapter in {path} was trained with other settings; pass {' '.join(differ)} "
+                             f"(found in {path / 'adapter_config.json'}).")
+        state = {k.removeprefix("base_model.model."): v for k, v in load_file(path / "adapter_model.safetensors").items()}
+        result = set_peft_model_state_dict(self.model, state, adapter_name=adapter_name)
+        if result.unexpected_keys:
+            raise ValueError(f"{path}: {len(result.unexpected_keys)} tensors fit no module, e.g. "
+                             f"{result.unexpected_keys[0]}; it was exported from another model.")
+
+
+def _normal(value):
+    if isinstance(value, (list, tuple, set)):
+        return sorted(value)
+    return json.loads(json.dumps(value)) if value is not None else None

@@ -1,0 +1,91 @@
+"""Read captchas (or answer any prompt about images) with a CogVLM and an optional exported LoRA.
+
+    python -m recipes.cogvlm.predict --model THUDM/cogvlm-base-490-hf --adapter outputs/cogvlm_captcha_lora/RUN/export \
+        img1.png img2.jpg
+    python -m recipes.cogvlm.predict --model outputs/cogvlm_captcha_sft/RUN/export img1.png   # a merged/full export
+
+Prints one `file<TAB>prediction` line per image. The adapter (a PEFT folder written by the recipe's export) is
+merged into the base weights before decoding; decoding is greedy, as the recipe's evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from finetune.family import parse_dtype
+from finetune.hub import resolve_pretrained
+
+from .family import decode_answers, load_tokenizer
+from .modeling_cogvlm import CogVLMForCausalLM
+from .prompting import build_conversation_input_ids, collate_left_padded, preprocess_image
+from .tiny import save_tiny_cogvlm
+
+
+def load_model(model: str, adapter: str | None = None, dtype: str = "fp32", device: str = "cpu"):
+    local = resolve_pretrained(model, family="cogvlm", build_tiny=save_tiny_cogvlm, marker="config.json")
+    network = CogVLMForCausalLM.from_pretrained(local, dtype=parse_dtype(dtype))
+    if adapter:
+        from peft import PeftModel
+
+        network = PeftModel.from_pretrained(network, adapter).merge_and_unload()
+    return local, network.to(device).eval()
+
+
+@torch.no_grad()
+def predict(network, tokenizer, images: list[Image.Image], prompt: str = "CAPTCHA:",
+            template_version: str | None = None, max_new_tokens: int = 10) -> list[str]:
+    config = network.config
+    samples = []
+    for image in images:
+        sample = build_conversation_input_ids(tokenizer, prompt, images=1, image_token_count=config.num_image_tokens,
+                                              template_version=template_version or config.template_version)
+        sample["images"] = preprocess_image(image, config.vision_config["image_size"])
+        samples.append(sample)
+    batch = {k: v.to(network.device) for k, v in collate_left_padded(samples, tokenizer.pad_token_id).items()}
+    dtype = next(network.parameters()).dtype
+    new_tokens = network.greedy_generate(batch["input_ids"], images=batch["images"].to(dtype),
+                                         token_type_ids=batch["token_type_ids"], attention_mask=batch["attention_mask"],
+                                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id)
+    return decode_answers(tokenizer, new_tokens)
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--model", default="THUDM/cogvlm-base-490-hf", help="hub id, local folder or `tiny`")
+    parser.add_argument("--adapter", default=None, help="an exported PEFT adapter folder (run_dir/export)")
+    parser.add_argument("--tokenizer", default="lmsys/vicuna-7b-v1.5", help="when the model folder has none")
+    parser.add_argument("--prompt", default="CAPTCHA:")
+    parser.add_argument("--template", default=None, help="base, chat or vqa (default: the checkpoint's)")
+    parser.add_argument("--max-new-tokens", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    missing = [path for path in args.images if not Path(path).is_file()]
+    if missing:
+        parser.error(f"no such image file: {', '.join(missing)}")
+    local, network = load_model(args.model, args.adapter, args.dtype, args.device)
+    tokenizer = load_tokenizer(local, args.tokenizer)
+    results = []
+    for start in range(0, len(args.images), args.batch_size):
+        paths = args.images[start: start + args.batch_size]
+        images = []
+        for path in paths:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        answers = predict(network, tokenizer, images, args.prompt, args.template, args.max_new_tokens)
+        for path, answer in zip(paths, answers):
+            print(f"{path}\t{answer}", flush=True)
+            results.append((path, answer))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
