@@ -27,25 +27,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from datamodules.buckets import BucketBatchSampler, make_buckets, nearest_bucket
-from datamodules.textfiles import DataError
+from datamodules.textfiles import DataError, decode_utf8_lines
 from finetune.hub import cache_root
 
 CAPTION_COLUMNS = ("text", "prompt", "caption")
 EXIF_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
-
-
-def _decode_utf8(path: Path) -> list[str]:
-    raw = path.read_bytes()
-    lines = []
-    for number, line in enumerate(raw.splitlines(), start=1):
-        try:
-            lines.append(line.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}, line {number}: not valid UTF-8 ({err.reason} at byte {err.start}). Re-save the "
-                            f"file as UTF-8 (e.g. `iconv -f GBK -t UTF-8`).") from None
-    if lines:
-        lines[0] = lines[0].lstrip("\ufeff")
-    return lines
 
 
 def read_metadata(root: Path, caption_column: str | None) -> list[tuple[str, str, str]]:
@@ -54,7 +40,7 @@ def read_metadata(root: Path, caption_column: str | None) -> list[tuple[str, str
     jsonl, table = root / "metadata.jsonl", root / "metadata.csv"
     rows = []
     if jsonl.is_file():
-        for number, line in enumerate(_decode_utf8(jsonl), start=1):
+        for number, line in enumerate(decode_utf8_lines(jsonl), start=1):
             if not line.strip():
                 continue
             try:
@@ -64,7 +50,7 @@ def read_metadata(root: Path, caption_column: str | None) -> list[tuple[str, str
                                 '{"file_name": "0001.png", "text": "a caption"}.') from None
             rows.append((entry, f"{jsonl}, line {number}"))
     elif table.is_file():
-        reader = csv.DictReader(_decode_utf8(table))
+        reader = csv.DictReader(decode_utf8_lines(table))
         rows = [(entry, f"{table}, line {reader.line_num}") for entry in reader]
     else:
         raise DataError(f"data.root={root}: no metadata.jsonl or metadata.csv. Add one with a `file_name` and a "

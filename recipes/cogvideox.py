@@ -7,18 +7,16 @@ Objective (THUDM/CogVideo `finetune/models/cogvideox_t2v/lora_trainer.py`, REFER
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import torch
-from torch import nn
 
 from datamodules.video import check_video_size
-from finetune.family import ModelFamily, Sample, parse_dtype
+from finetune.family import Sample, parse_dtype
 from finetune.hub import resolve_pretrained
+from recipes.diffusers_family import DiffusersFamily
 
 
-class CogVideoX(ModelFamily):
+class CogVideoX(DiffusersFamily):
     """CogVideoX-2b / -5b (and 1.5) text-to-video.
 
     Args:
@@ -49,7 +47,7 @@ class CogVideoX(ModelFamily):
                       path: str = "in-memory") -> "CogVideoX":
         """Wrap components built in memory (benchmarks with random real-size weights)."""
         self = cls.__new__(cls)
-        ModelFamily.__init__(self)
+        DiffusersFamily.__init__(self)
         self.path = path
         self._attach(pipe, height, width, num_frames, max_sequence_length)
         return self
@@ -76,9 +74,6 @@ class CogVideoX(ModelFamily):
         if cfg.use_learned_positional_embeddings and (self.height, self.width) != native:
             raise ValueError(f"this checkpoint has learned positional embeddings for {native[0]}x{native[1]}; "
                              f"set model.height={native[0]} model.width={native[1]}.")
-
-    def trainable_module(self) -> nn.Module:
-        return self.transformer
 
     def cache_namespace(self) -> str:
         return f"cogvideox|{self.path}|{self.height}x{self.width}x{self.num_frames}|{self.max_sequence_length}"
@@ -148,18 +143,3 @@ class CogVideoX(ModelFamily):
                                output_type="np").frames[0]
             samples.append(Sample("video", (frames * 255).round().astype("uint8"), prompt, fps=fps))
         return samples
-
-    def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
-        from peft.utils import get_peft_model_state_dict
-
-        state = get_peft_model_state_dict(self.transformer, adapter_name=adapter_name)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        metadata = self.transformer.peft_config[adapter_name].to_dict()
-        type(self.pipe).save_lora_weights(directory, transformer_lora_layers=state,
-                                          transformer_lora_adapter_metadata=metadata)
-        return Path(directory) / "pytorch_lora_weights.safetensors"
-
-    def save_full(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory) / "transformer"
-        self.transformer.save_pretrained(path)
-        return path

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune.family import ModelFamily, Sample, parse_dtype
+from finetune.family import parse_dtype
 from finetune.hub import resolve_pretrained
+from recipes.diffusers_family import DiffusersFamily
 
 
 def merged_state_dict(module: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -40,7 +41,7 @@ def merged_state_dict(module: nn.Module, adapter_name: str = "default") -> dict[
     return {k: v.to("cpu").contiguous() for k, v in state.items()}
 
 
-class CogView3Plus(ModelFamily):
+class CogView3Plus(DiffusersFamily):
     """CogView3-Plus-3B text-to-image.
 
     Args:
@@ -74,9 +75,6 @@ class CogView3Plus(ModelFamily):
         if self.scheduler.config.prediction_type != "v_prediction":
             raise ValueError(f"{local}: scheduler prediction_type={self.scheduler.config.prediction_type!r}; "
                              f"this recipe trains v-prediction as CogView3-Plus does.")
-
-    def trainable_module(self) -> nn.Module:
-        return self.transformer
 
     def cache_namespace(self) -> str:
         return f"cogview3plus|{self.path}|{self.dtype_name}|{self.max_sequence_length}"
@@ -115,17 +113,10 @@ class CogView3Plus(ModelFamily):
             original_size=sizes, target_size=sizes, crop_coords=torch.zeros_like(sizes), return_dict=False)[0]
         return ((v_hat.float() - target) ** 2).reshape(batch, -1).mean(dim=1).mean()
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], seed: int, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.0) -> list[Sample]:
-        samples = []
-        for i, prompt in enumerate(prompts):
-            generator = torch.Generator(device="cpu").manual_seed(seed + i)
-            image = self.pipe(prompt, height=self.height, width=self.width, num_inference_steps=num_inference_steps,
-                              guidance_scale=guidance_scale, max_sequence_length=self.max_sequence_length,
-                              generator=generator).images[0]
-            samples.append(Sample("image", image, prompt))
-        return samples
+                 guidance_scale: float = 7.0) -> list:
+        return self.generate_images(prompts, seed, num_inference_steps=num_inference_steps,
+                                    guidance_scale=guidance_scale)
 
     def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
         """The transformer with the LoRA merged in, in diffusers layout (`directory/transformer/`), plus the
@@ -140,9 +131,4 @@ class CogView3Plus(ModelFamily):
         config = self.transformer.peft_config[adapter_name].to_dict()
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         (Path(directory) / "lora_config.json").write_text(json.dumps(config, indent=2, default=str))
-        return path
-
-    def save_full(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory) / "transformer"
-        self.transformer.save_pretrained(path)
         return path

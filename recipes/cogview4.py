@@ -16,15 +16,14 @@ in `MaskedCogView4AttnProcessor`, so every sample gets the loss it would get alo
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.family import ModelFamily, Sample, parse_dtype
+from finetune.family import parse_dtype
 from finetune.hub import resolve_pretrained
+from recipes.diffusers_family import DiffusersFamily
 
 SIGMA_SAMPLING = ("uniform", "logit_normal")
 LOSS_WEIGHTING = ("none", "cosmap")
@@ -76,7 +75,7 @@ def round_up(value: int, multiple: int = 16) -> int:
     return -(-value // multiple) * multiple
 
 
-class CogView4(ModelFamily):
+class CogView4(DiffusersFamily):
     """CogView4-6B text-to-image (Chinese and English prompts).
 
     Args:
@@ -125,9 +124,6 @@ class CogView4(ModelFamily):
         if self.vae.config.shift_factor not in (None, 0, 0.0):
             raise ValueError(f"{local}: vae.config.shift_factor={self.vae.config.shift_factor}, but CogView4Pipeline "
                              f"decodes latents / scaling_factor without a shift; training would not match inference.")
-
-    def trainable_module(self) -> nn.Module:
-        return self.transformer
 
     def cache_namespace(self) -> str:
         return f"cogview4|{self.path}|{self.dtype_name}|text{self.max_sequence_length}"
@@ -218,33 +214,7 @@ class CogView4(ModelFamily):
         return self.per_sample_loss(encoded, noise=noise, sigmas=sigmas).mean()
 
     # -- sampling and export --------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, prompts: list[str], seed: int, num_inference_steps: int = 50,
-                 guidance_scale: float = 3.5) -> list[Sample]:
-        samples = []
-        for i, prompt in enumerate(prompts):
-            generator = torch.Generator(device="cpu").manual_seed(seed + i)
-            image = self.pipe(prompt, height=self.height, width=self.width, num_inference_steps=num_inference_steps,
-                              guidance_scale=guidance_scale, max_sequence_length=self.max_sequence_length,
-                              generator=generator).images[0]
-            samples.append(Sample("image", image, prompt))
-        return samples
-
-    def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
-        """diffusers format (`pytorch_lora_weights.safetensors`, keys `transformer.*`, rank/alpha/targets in
-        the header) for `CogView4Pipeline.load_lora_weights`."""
-        from peft.utils import get_peft_model_state_dict
-
-        state = get_peft_model_state_dict(self.transformer, adapter_name=adapter_name)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        metadata = self.transformer.peft_config[adapter_name].to_dict()
-        type(self.pipe).save_lora_weights(directory, transformer_lora_layers=state,
-                                          transformer_lora_adapter_metadata=metadata)
-        return Path(directory) / "pytorch_lora_weights.safetensors"
-
-    def save_full(self, directory: str | os.PathLike) -> Path:
-        """The transformer in the checkpoint's layout (`transformer/`): pass it to
-        `CogView4Pipeline.from_pretrained(base, transformer=CogView4Transformer2DModel.from_pretrained(dir))`."""
-        path = Path(directory) / "transformer"
-        self.transformer.save_pretrained(path)
-        return path
+                 guidance_scale: float = 3.5) -> list:
+        return self.generate_images(prompts, seed, num_inference_steps=num_inference_steps,
+                                    guidance_scale=guidance_scale)

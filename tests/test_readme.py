@@ -114,7 +114,6 @@ def test_load_lora_snippet(tiny_cogvideox, tmp_path):
 @pytest.fixture(scope="module")
 def cogvlm_export(tiny_cogvlm, tmp_path_factory):
     """A tiny CogVLM with a non-trivial LoRA, exported as the recipe exports it."""
-    import torch
 
     from finetune.adapters import LoRA
     from recipes.cogvlm.family import CogVLM

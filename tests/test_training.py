@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import open_dict
 
 from conftest import REPO, compose
 from finetune.module import FinetuneModule

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from datamodules.demo_videos import render, write_demo_videos
 from datamodules.textfiles import DataError

@@ -25,7 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_cogvlm import CogVLMConfig
 from .generation_cogvlm import CogVLMGenerationMixin
-from .vision_cogvlm import EVA2CLIPLayer, EVA2CLIPPatchEmbedding, CogVLMVisionModel
+from .vision_cogvlm import EVA2CLIPPatchEmbedding, CogVLMVisionModel
 
 LANGUAGE_TOKEN_TYPE = 0
 VISION_TOKEN_TYPE = 1
