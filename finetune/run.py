@@ -32,15 +32,20 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(path)
 
 
+def build_module(cfg: DictConfig) -> FinetuneModule:
+    """The LightningModule a config names: its family (the model is loaded here), adapter, optimizer."""
+    return FinetuneModule(family=instantiate(cfg.model), adapter=instantiate(cfg.adapter),
+                          optimizer=instantiate(cfg.optimizer), lr_scheduler=instantiate(cfg.lr_scheduler),
+                          **cfg.module)
+
+
 def build(cfg: DictConfig) -> tuple[L.Trainer, FinetuneModule, L.LightningDataModule, str | None]:
     run_dir = Path(cfg.run_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.check()  # bad data fails here, before the (expensive) model is loaded
-    module = FinetuneModule(family=instantiate(cfg.model), adapter=instantiate(cfg.adapter),
-                            optimizer=instantiate(cfg.optimizer), lr_scheduler=instantiate(cfg.lr_scheduler),
-                            **cfg.module)
+    module = build_module(cfg)
     if cfg.get("adapter_path"):  # an exported adapter (family.save_lora) as the weights, e.g. with mode=test
         if ckpt_path:
             raise ValueError("pass ckpt_path or adapter_path, not both: a checkpoint already holds the adapter")

@@ -53,6 +53,20 @@ def tiny_cogvlm(cache_dir) -> str:
     return resolve_pretrained("tiny", family="cogvlm", build_tiny=save_tiny_cogvlm, marker="config.json")
 
 
+def run_steps(module, batch: dict, steps: int = 4) -> list[float]:
+    """`steps` optimizer steps of a FinetuneModule on one fixed batch (the golden-loss loop)."""
+    optimizer = module.optimizer_factory([p for p in module.parameters() if p.requires_grad])
+    torch.manual_seed(1234)
+    losses = []
+    for _ in range(steps):
+        loss = module.family.training_loss(module.encode(batch))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def compose(overrides: list[str]):
     """The real config as `train.py` composes it."""
     from hydra import compose as hydra_compose

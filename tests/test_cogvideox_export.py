@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
+from conftest import run_steps
 from safetensors import safe_open
+from test_cogvideox_objective import fixed_batch, tiny_family
 
 from finetune.adapters import LoRA
 from finetune.module import FinetuneModule
 from recipes.cogvideox import CogVideoX
-from test_cogvideox_objective import fixed_batch, run_steps, tiny_family
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import run_steps
 
 from finetune.adapters import LoRA
 from finetune.module import FinetuneModule
@@ -86,19 +87,6 @@ def test_rotary_embeddings_equal_the_slice_grid_at_native_size(tiny_cogvideox):
 # Golden losses: tiny CogVideoX, LoRA r=4 alpha=8, fixed batch and seed, fp32 CPU, AdamW lr 1e-3.
 # A change here changes the objective: explain it in the commit.
 GOLDEN_LORA = [1.8592395782470703, 1.8350082635879517, 1.936450481414795, 1.630571961402893]
-
-
-def run_steps(module: FinetuneModule, batch: dict, steps: int) -> list[float]:
-    optimizer = module.optimizer_factory([p for p in module.parameters() if p.requires_grad])
-    torch.manual_seed(1234)
-    losses = []
-    for _ in range(steps):
-        loss = module.family.training_loss(module.encode(batch))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
 
 
 def test_golden_losses_lora(tiny_cogvideox):

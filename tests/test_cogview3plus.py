@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_cogvideox_objective import reference_alphas_cumprod
 
 from finetune.adapters import LoRA
 from finetune.module import FinetuneModule
 from recipes.cogview3plus import CogView3Plus, merged_state_dict
-from test_cogvideox_objective import reference_alphas_cumprod
 
 PROMPTS = ["a red circle on a white background", "a blue square"]
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, compose, run_steps
 from hydra.utils import instantiate
 
-from conftest import REPO, compose
 from finetune.adapters import Full, LoRA
 from finetune.module import FinetuneModule
+from finetune.run import build_module
 from recipes.cogview4 import CogView4
 
 PROMPTS = ["a red circle on a white background", "黑色背景上的一个黄色圆形 and a blue square"]  # 9 and 18 tokens
@@ -150,19 +151,6 @@ GOLDEN_LORA = [2.3942790031433105, 2.635584831237793, 2.4352777004241943, 2.4343
 GOLDEN_SFT = [2.3942790031433105, 2.629324436187744, 2.4066877365112305, 2.4035940170288086]
 
 
-def run_steps(module: FinetuneModule, batch: dict, steps: int = 4) -> list[float]:
-    optimizer = module.optimizer_factory([p for p in module.parameters() if p.requires_grad])
-    torch.manual_seed(1234)
-    losses = []
-    for _ in range(steps):
-        loss = module.family.training_loss(module.encode(batch))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.mark.parametrize("adapter, golden", [(LoRA(rank=4, alpha=8, init_lora_weights="gaussian"), GOLDEN_LORA),
                                              (Full(), GOLDEN_SFT)], ids=["lora", "sft"])
 def test_golden_losses(tiny_cogview4, adapter, golden):
@@ -288,9 +276,7 @@ def test_recipes_compose_with_official_defaults_and_instantiate_tiny(recipe):
     cfg = compose([f"recipe={recipe}", "preset=tiny"])
     datamodule = instantiate(cfg.data)
     datamodule.check()
-    module = FinetuneModule(family=instantiate(cfg.model), adapter=instantiate(cfg.adapter),
-                            optimizer=instantiate(cfg.optimizer), lr_scheduler=instantiate(cfg.lr_scheduler),
-                            **cfg.module)
+    module = build_module(cfg)
     assert any(p.requires_grad for p in module.parameters())
 
 

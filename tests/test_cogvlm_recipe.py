@@ -9,14 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import compose
 from finetune.adapters import LoRA
 from finetune.run import train
-from recipes.cogvlm import CogVLMForCausalLM, build_conversation_input_ids, collate_left_padded
-from recipes.cogvlm.family import CogVLM, exact_match, lora_target_modules, merged_state_dict
+from recipes.cogvlm import (
+    CogVLMForCausalLM,
+    build_conversation_input_ids,
+    collate_left_padded,
+)
+from recipes.cogvlm.family import (
+    CogVLM,
+    exact_match,
+    lora_target_modules,
+    merged_state_dict,
+)
 
 # Losses of 4 AdamW steps (lr 1e-2) of LoRA r=4 alpha=8 + the last ViT MLP on the tiny model and `_batch()`.
 GOLDEN_LOSSES = [4.571525, 4.425138, 4.223390, 4.151209]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import compose
+from test_cogvideox_objective import fixed_batch, tiny_family
+
 from finetune.adapters import Full, LoRA
 from finetune.module import FinetuneModule
-from finetune.schedules import warmup_schedule
 from finetune.run import train
-from test_cogvideox_objective import fixed_batch, tiny_family
+from finetune.schedules import warmup_schedule
 
 
 def test_encoded_cache_skips_the_encoders_and_keeps_the_loss(tiny_cogvideox, tmp_path):

@@ -6,8 +6,8 @@ import importlib.util
 
 import pytest
 import torch
-
 from conftest import compose
+
 from finetune.run import train
 
 pytestmark = pytest.mark.gpu

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, compose
 
 README = (REPO / "README.md").read_text(encoding="utf-8")

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, compose
 from hydra.utils import instantiate
 
-from conftest import REPO, compose
-from finetune.module import FinetuneModule
-from finetune.run import build, train
+from finetune.run import build, build_module, train
 
 RECIPES = sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml"))
 
@@ -22,9 +21,7 @@ def test_every_recipe_composes_and_instantiates(recipe):
     cfg = compose([f"recipe={recipe}", "preset=tiny"])
     datamodule = instantiate(cfg.data)
     datamodule.check()
-    module = FinetuneModule(family=instantiate(cfg.model), adapter=instantiate(cfg.adapter),
-                            optimizer=instantiate(cfg.optimizer), lr_scheduler=instantiate(cfg.lr_scheduler),
-                            **cfg.module)
+    module = build_module(cfg)
     assert any(p.requires_grad for p in module.parameters())
     for callback in cfg.callbacks.values():
         instantiate(callback)
