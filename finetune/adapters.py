@@ -78,6 +78,32 @@ def matching_modules(module: nn.Module, names: list[str]) -> list[str]:
     return [name for name in matched if not any(name.startswith(m + ".") for m in matched)]
 
 
+def merged_state_dict(model: nn.Module, adapter_name: str = "default",
+                      dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The state dict in the un-adapted model's key names with each LoRA folded into its weight (peft's own
+    delta, `alpha / r * B @ A`) and peft's fully trained copies (`modules_to_save`) in place of their
+    originals; in `dtype`, or each base tensor's own dtype. The model itself is not changed."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {f"{name}.weight": module.get_delta_weight(adapter_name).float() for name, module in model.named_modules()
+              if isinstance(module, LoraLayer) and adapter_name in module.lora_A}
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".lora_" in key or ".original_module." in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        if ".modules_to_save." in key:  # <module>.modules_to_save.<adapter>.<param> -> <module>.<param>
+            module, rest = key.split(".modules_to_save.")
+            adapter, param = rest.split(".", 1)
+            if adapter != adapter_name:
+                continue
+            key = f"{module}.{param}"
+        out_dtype = dtype or value.dtype
+        value = value.detach().float() + deltas[key].to(value.device) if key in deltas else value.detach()
+        state[key] = value.to("cpu", out_dtype).contiguous()
+    return state
+
+
 def keep_trainable_in_fp32(module: nn.Module) -> None:
     """Trainable parameters in fp32 when the base runs in bf16/fp16: updates of lr*grad ~ 1e-6 vanish
     in bf16's 8-bit mantissa."""

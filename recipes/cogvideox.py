@@ -7,7 +7,6 @@ Objective (THUDM/CogVideo `finetune/models/cogvideox_t2v/lora_trainer.py`, REFER
 
 from __future__ import annotations
 
-
 import torch
 
 from datamodules.video import check_video_size

@@ -27,7 +27,11 @@ SCHEDULER_2B = {
 
 def save_tiny_cogvideox(root: str | Path, seed: int = 0, use_rotary: bool = True, patch_size_t: int | None = None) -> Path:
     """`patch_size_t=2` gives a tiny CogVideoX1.5 (frames 16N+1, latent frames patched in pairs)."""
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXTransformer3DModel,
+    )
 
     root = Path(root)
     tmp = root.with_name(root.name + ".partial")

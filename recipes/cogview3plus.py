@@ -19,26 +19,11 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from finetune.adapters import merged_state_dict
 from finetune.family import parse_dtype
 from finetune.hub import resolve_pretrained
 from recipes.diffusers_family import DiffusersFamily
-
-
-def merged_state_dict(module: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The base layout's state dict with every LoRA layer folded into its weight (peft's own delta,
-    `scale * B @ A`), in the base weight's dtype. Keys are the un-adapted model's."""
-    from peft.tuners.lora import LoraLayer
-
-    lora = {name: m for name, m in module.named_modules() if isinstance(m, LoraLayer)}
-    state = {name.replace(".base_layer.", "."): tensor.detach() for name, tensor in module.state_dict().items()
-             if ".lora_" not in name}
-    for name, layer in lora.items():
-        base = layer.get_base_layer().weight
-        delta = layer.get_delta_weight(adapter_name).to(device=base.device, dtype=torch.float32)
-        state[f"{name}.weight"] = (base.float() + delta).to(base.dtype)
-    return {k: v.to("cpu").contiguous() for k, v in state.items()}
 
 
 class CogView3Plus(DiffusersFamily):

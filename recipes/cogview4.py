@@ -16,7 +16,6 @@ in `MaskedCogView4AttnProcessor`, so every sample gets the loss it would get alo
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -12,9 +12,9 @@ import pytest
 import torch
 from test_cogvideox_objective import reference_alphas_cumprod
 
-from finetune.adapters import LoRA
+from finetune.adapters import LoRA, merged_state_dict
 from finetune.module import FinetuneModule
-from recipes.cogview3plus import CogView3Plus, merged_state_dict
+from recipes.cogview3plus import CogView3Plus
 
 PROMPTS = ["a red circle on a white background", "a blue square"]
 

@@ -13,7 +13,7 @@ from conftest import compose
 from PIL import Image
 from safetensors import safe_open
 
-from finetune.adapters import LoRA
+from finetune.adapters import LoRA, merged_state_dict
 from finetune.run import train
 from recipes.cogvlm import (
     CogVLMForCausalLM,
@@ -24,7 +24,6 @@ from recipes.cogvlm.family import (
     CogVLM,
     exact_match,
     lora_target_modules,
-    merged_state_dict,
 )
 
 # Losses of 4 AdamW steps (lr 1e-2) of LoRA r=4 alpha=8 + the last ViT MLP on the tiny model and `_batch()`.
@@ -144,7 +143,7 @@ def test_peft_and_merged_exports_reproduce_the_trained_model(tiny_cogvlm, tmp_pa
     # W_merged = W + (alpha / r) * B @ A
     layer = family.model.model.layers[0].self_attn.language_expert_dense
     expected = layer.base_layer.weight + 2.0 * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
-    state = merged_state_dict(family.model, torch.float32)
+    state = merged_state_dict(family.model, dtype=torch.float32)
     torch.testing.assert_close(state["model.layers.0.self_attn.language_expert_dense.weight"], expected)
 
 

@@ -20,7 +20,12 @@ from .prompting import (
     history_to_prompt,
     preprocess_image,
 )
-from .tiny import build_tiny_cogvlm, build_tiny_tokenizer, save_tiny_cogvlm, tiny_cogvlm_config
+from .tiny import (
+    build_tiny_cogvlm,
+    build_tiny_tokenizer,
+    save_tiny_cogvlm,
+    tiny_cogvlm_config,
+)
 
 __all__ = [
     "CLIP_MEAN",

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from finetune.adapters import merged_state_dict
 from finetune.family import ModelFamily, parse_dtype
 from finetune.hub import resolve_pretrained
 
@@ -76,28 +77,6 @@ def exact_match(predictions: list[str], labels: list[str]) -> dict[str, list[flo
     pairs = [(p.strip(), t.strip()) for p, t in zip(predictions, labels, strict=True)]
     return {"acc": [float(p == t) for p, t in pairs], "acc_w/o_case": [float(p.lower() == t.lower()) for p, t in pairs]}
 
-
-def merged_state_dict(model: nn.Module, dtype: torch.dtype, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The state dict in the base checkpoint's key names with the LoRA merged (W + alpha / r * B @ A) and the
-    fully trained copies (peft `modules_to_save`) in place of their originals; cast to `dtype`."""
-    from peft.tuners.lora import LoraLayer
-
-    deltas = {f"{name}.weight": module.get_delta_weight(adapter_name).float() for name, module in model.named_modules()
-              if isinstance(module, LoraLayer) and adapter_name in module.lora_A}
-    state = {}
-    for key, value in model.state_dict().items():
-        if ".lora_" in key or ".original_module." in key:
-            continue
-        key = key.replace(".base_layer.", ".")
-        if ".modules_to_save." in key:  # <module>.modules_to_save.<adapter>.<param> -> <module>.<param>
-            module, rest = key.split(".modules_to_save.")
-            adapter, param = rest.split(".", 1)
-            if adapter != adapter_name:
-                continue
-            key = f"{module}.{param}"
-        value = value.detach().float() + deltas[key] if key in deltas else value.detach()
-        state[key] = value.to("cpu", dtype).contiguous()
-    return state
 
 
 class CogVLM(ModelFamily):
@@ -188,7 +167,7 @@ class CogVLM(ModelFamily):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_torch_state_dict(merged_state_dict(self.model, self.weight_dtype), directory, max_shard_size="5GB",
+        save_torch_state_dict(merged_state_dict(self.model, dtype=self.weight_dtype), directory, max_shard_size="5GB",
                               metadata={"format": "pt"})
         config = copy.deepcopy(self.model.config)
         config.dtype = self.weight_dtype

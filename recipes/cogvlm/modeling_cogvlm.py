@@ -21,11 +21,14 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+)
 
 from .configuration_cogvlm import CogVLMConfig
 from .generation_cogvlm import CogVLMGenerationMixin
-from .vision_cogvlm import EVA2CLIPPatchEmbedding, CogVLMVisionModel
+from .vision_cogvlm import CogVLMVisionModel, EVA2CLIPPatchEmbedding
 
 LANGUAGE_TOKEN_TYPE = 0
 VISION_TOKEN_TYPE = 1

@@ -22,7 +22,11 @@ from finetune.hub import resolve_pretrained
 
 from .family import decode_answers, load_tokenizer
 from .modeling_cogvlm import CogVLMForCausalLM
-from .prompting import build_conversation_input_ids, collate_left_padded, preprocess_image
+from .prompting import (
+    build_conversation_input_ids,
+    collate_left_padded,
+    preprocess_image,
+)
 from .tiny import save_tiny_cogvlm
 
 
