@@ -21,3 +21,14 @@ def test_tiny_step_on_cpu():
 
     result = main(["--size", "tiny", "--steps", "2", "--warmup", "1", "--rank", "4", "--alpha", "4"])
     assert result["cpu_s_per_step"] > 0 and result["trainable_params"] > 0
+
+
+def test_cogvlm_17b_recipe_parameter_counts():
+    from cogvlm_memory import main
+
+    result = main([])
+    lora_language = 32 * 10 * ((4096 + 12288) + (4096 + 4096))  # QKV and dense of the language expert
+    lora_vit = 63 * 10 * ((1792 + 5376) + (1792 + 1792))  # ViT attention QKV and dense
+    vit_mlps = 9 * (1792 * 15360 + 15360 + 15360 * 1792 + 1792)  # layers 46-54 fc1/fc2 with biases
+    assert result["trainable_params"] == lora_language + lora_vit + vit_mlps
+    assert 17.5e9 < result["total_params"] < 17.8e9  # CogVLM-17B
