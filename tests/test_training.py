@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import REPO, compose
@@ -55,6 +56,25 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert any((a[k] - ckpt["state_dict"][k]).abs().max() > 1e-6 for k in a)
 
 
+class Crash(L.Callback):
+    """Fails in the middle of training, as an out-of-memory error or a killed job would."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == 3:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_crash_leaves_a_checkpoint_to_resume_from(tmp_path):
+    cfg = tiny_cfg(tmp_path, "trainer.max_steps=6", "callbacks.checkpoint.every_n_train_steps=100",
+                   "+callbacks.crash._target_=test_training.Crash")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg)
+    saved = tmp_path / "checkpoints" / "on_exception.ckpt"
+    assert torch.load(saved, weights_only=False, map_location="cpu")["global_step"] == 3
+    resumed = train(tiny_cfg(tmp_path, "trainer.max_steps=6", f"ckpt_path={saved}"))
+    assert resumed.trainer.global_step == 6
+
+
 def test_resume_without_checkpoint_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="ckpt_path='last'.*run_dir="):
         build(tiny_cfg(tmp_path / "nothing", "ckpt_path=last"))
@@ -68,9 +88,12 @@ def test_unreachable_model_stops_at_once_with_the_fix(tmp_path):
 
 @pytest.mark.parametrize("logger, expected", [("csv", "csv/metrics.csv"), ("tensorboard", "tensorboard")])
 def test_logger_option_switches_backend(tmp_path, logger, expected):
-    cfg = tiny_cfg(tmp_path, "trainer.max_steps=5", f"logger={logger}", "callbacks.stats.log_every_n_steps=5")
+    cfg = tiny_cfg(tmp_path, "trainer.max_steps=5", f"logger={logger}", "callbacks.stats.log_every_n_steps=5",
+                   "callbacks.export.every_n_steps=2")
     train(cfg)
     assert (tmp_path / expected).exists()
+    exported = sorted(p.parent.name for p in (tmp_path / "export").rglob("pytorch_lora_weights.safetensors"))
+    assert exported == ["export", "step_000002", "step_000004"]  # every 2 steps and at the end
     if logger == "csv":
         header = (tmp_path / expected).read_text().splitlines()[0]
         for key in ("train/loss", "train/lr", "train/samples_per_sec", "train/peak_memory_gb"):
