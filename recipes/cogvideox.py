@@ -24,13 +24,16 @@ class CogVideoX(DiffusersFamily):
             trainable parameters are always kept in fp32.
         height, width, num_frames: training and validation resolution (8N+1 frames; 16N+1 for 1.5).
         max_sequence_length: T5 tokens (226 in the official recipe).
+        enable_vae_tiling: encode/decode 49x480x720 videos in tiles and one sample at a time, as the
+            official finetune does: far less memory, tiny seams. No effect below the tile size (240x360).
     """
 
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     frame_multiple = 8
 
     def __init__(self, path: str = "THUDM/CogVideoX-2b", dtype: str = "bf16", height: int = 480,
-                 width: int = 720, num_frames: int = 49, max_sequence_length: int = 226):
+                 width: int = 720, num_frames: int = 49, max_sequence_length: int = 226,
+                 enable_vae_tiling: bool = True):
         super().__init__()
         from diffusers import CogVideoXPipeline
 
@@ -40,6 +43,9 @@ class CogVideoX(DiffusersFamily):
         local = resolve_pretrained(path, family="cogvideox", build_tiny=save_tiny_cogvideox)
         pipe = CogVideoXPipeline.from_pretrained(local, dtype=parse_dtype(dtype))
         self._attach(pipe, height, width, num_frames, max_sequence_length)
+        if enable_vae_tiling:
+            self.vae.enable_slicing()
+            self.vae.enable_tiling()
 
     @classmethod
     def from_pipeline(cls, pipe, height: int, width: int, num_frames: int, max_sequence_length: int = 226,

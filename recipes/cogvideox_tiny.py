@@ -43,7 +43,7 @@ def save_tiny_cogvideox(root: str | Path, seed: int = 0, use_rotary: bool = True
         use_rotary_positional_embeddings=use_rotary)
     vae = AutoencoderKLCogVideoX(
         block_out_channels=(8, 8, 8, 16), latent_channels=16, layers_per_block=1, norm_num_groups=4,
-        temporal_compression_ratio=4, sample_height=32, sample_width=32, scaling_factor=1.15258426)
+        temporal_compression_ratio=4, scaling_factor=1.15258426)  # default sample size: tiles of 240x360 as the real VAE
     transformer.save_pretrained(tmp / "transformer")
     vae.save_pretrained(tmp / "vae")
     save_tiny_t5(tmp, d_model=TINY_TEXT_DIM, seed=seed)
