@@ -75,3 +75,23 @@ def test_ddp_spawn_on_two_cpu_processes(tmp_path):
     train(cfg)
     assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").exists()
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_image_samples_are_saved_and_logged_to_wandb(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from finetune.family import Sample
+    from finetune.loggers import wandb_logger
+    from finetune.media import log_samples, save_samples
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    samples = [Sample("image", Image.new("RGB", (16, 16), (200, 10, 10)), "一个红色的方块"),
+               Sample("image", Image.new("RGB", (16, 16), (10, 10, 200)), "a blue square")]
+    paths = save_samples(samples, tmp_path / "samples" / "step_000001")
+    assert [p.name for p in paths] == ["00.png", "01.png"]
+    assert "一个红色的方块" in (tmp_path / "samples" / "step_000001" / "prompts.json").read_text(encoding="utf-8")
+    logger = wandb_logger(save_dir=str(tmp_path), name="images")
+    log_samples([logger], samples, paths, step=1)
+    logger.experiment.finish()
+    logged = list(tmp_path.glob("wandb/offline-run-*/files/media/images/val/samples_*.png"))
+    assert len(logged) == 2
