@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +19,7 @@ def resolve_pretrained(path: str, *, family: str, build_tiny: Callable[[Path], N
     if path == "tiny":
         target = cache_root() / "tiny" / family
         if not (target / marker).exists():
-            build_tiny(target)
+            _build_atomically(target, build_tiny)
         return str(target)
     local = Path(path).expanduser()
     if local.exists():
@@ -37,6 +38,20 @@ def resolve_pretrained(path: str, *, family: str, build_tiny: Callable[[Path], N
         raise FileNotFoundError(
             f"model.path={path!r}: the weights could not be reached ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}). {_how_to(family, path)}") from None
+
+
+def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
+    """Build into a private folder and rename it into place: a crash never leaves a half-written model,
+    and ranks that build at the same time (torchrun) never see each other's partial files."""
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    build(partial)
+    try:
+        partial.rename(target)
+    except OSError:  # another process finished first: keep its copy
+        if not target.exists():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _how_to(family: str, repo: str) -> str:

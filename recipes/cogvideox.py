@@ -62,11 +62,7 @@ class CogVideoX(DiffusersFamily):
 
         self.height, self.width, self.num_frames = height, width, num_frames
         self.max_sequence_length = max_sequence_length
-        self.pipe = pipe
-        self.pipe.set_progress_bar_config(disable=True)
-        # nn.Module attributes so Lightning moves and checkpoints them; the pipeline shares them.
-        self.transformer, self.vae, self.text_encoder = pipe.transformer, pipe.vae, pipe.text_encoder
-        self.requires_grad_(False)
+        self.attach_pipeline(pipe)
         # The training scheduler of the official finetune; same alphas as the shipped DDIM config.
         self.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
         self._check_resolution()

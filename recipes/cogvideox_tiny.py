@@ -34,7 +34,6 @@ def save_tiny_cogvideox(root: str | Path, seed: int = 0, use_rotary: bool = True
     )
 
     root = Path(root)
-    tmp = root.with_name(root.name + ".partial")
     torch.manual_seed(seed)
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, time_embed_dim=16,
@@ -44,15 +43,14 @@ def save_tiny_cogvideox(root: str | Path, seed: int = 0, use_rotary: bool = True
     vae = AutoencoderKLCogVideoX(
         block_out_channels=(8, 8, 8, 16), latent_channels=16, layers_per_block=1, norm_num_groups=4,
         temporal_compression_ratio=4, scaling_factor=1.15258426)  # default sample size: tiles of 240x360 as the real VAE
-    transformer.save_pretrained(tmp / "transformer")
-    vae.save_pretrained(tmp / "vae")
-    save_tiny_t5(tmp, d_model=TINY_TEXT_DIM, seed=seed)
-    CogVideoXDDIMScheduler.from_config(SCHEDULER_2B).save_pretrained(tmp / "scheduler")
+    transformer.save_pretrained(root / "transformer")
+    vae.save_pretrained(root / "vae")
+    save_tiny_t5(root, d_model=TINY_TEXT_DIM, seed=seed)
+    CogVideoXDDIMScheduler.from_config(SCHEDULER_2B).save_pretrained(root / "scheduler")
     index = {"_class_name": "CogVideoXPipeline", "_diffusers_version": "0.42.1",
              "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
              "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
              "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
              "vae": ["diffusers", "AutoencoderKLCogVideoX"]}
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    tmp.rename(root)  # atomic: a half-written tiny model is never picked up
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
     return root

@@ -52,10 +52,7 @@ class CogView3Plus(DiffusersFamily):
         self.path, self.dtype_name = path, dtype
         self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
         local = resolve_pretrained(path, family="cogview3plus", build_tiny=save_tiny_cogview3plus)
-        self.pipe = CogView3PlusPipeline.from_pretrained(local, dtype=parse_dtype(dtype))
-        self.pipe.set_progress_bar_config(disable=True)
-        self.transformer, self.vae, self.text_encoder = self.pipe.transformer, self.pipe.vae, self.pipe.text_encoder
-        self.requires_grad_(False)
+        self.attach_pipeline(CogView3PlusPipeline.from_pretrained(local, dtype=parse_dtype(dtype)))
         self.scheduler = CogVideoXDDIMScheduler.from_config(self.pipe.scheduler.config)
         if self.scheduler.config.prediction_type != "v_prediction":
             raise ValueError(f"{local}: scheduler prediction_type={self.scheduler.config.prediction_type!r}; "

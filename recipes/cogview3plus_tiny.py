@@ -36,15 +36,13 @@ def save_tiny_cogview3plus(root: str | Path, seed: int = 0) -> Path:
     from diffusers import CogVideoXDDIMScheduler, CogView3PlusTransformer2DModel
 
     root = Path(root)
-    tmp = root.with_name(root.name + ".partial")
     torch.manual_seed(seed)
     transformer = CogView3PlusTransformer2DModel(
         patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2, out_channels=16,
         text_embed_dim=TINY_TEXT_DIM, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16, sample_size=8)
-    transformer.save_pretrained(tmp / "transformer")
-    tiny_vae(scaling_factor=0.18215, shift_factor=None).save_pretrained(tmp / "vae")
-    save_tiny_t5(tmp, d_model=TINY_TEXT_DIM, seed=seed)
-    CogVideoXDDIMScheduler.from_config(SCHEDULER).save_pretrained(tmp / "scheduler")
-    (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
-    tmp.rename(root)  # atomic: a half-written tiny model is never picked up
+    transformer.save_pretrained(root / "transformer")
+    tiny_vae(scaling_factor=0.18215, shift_factor=None).save_pretrained(root / "vae")
+    save_tiny_t5(root, d_model=TINY_TEXT_DIM, seed=seed)
+    CogVideoXDDIMScheduler.from_config(SCHEDULER).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
     return root

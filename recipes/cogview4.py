@@ -113,11 +113,7 @@ class CogView4(DiffusersFamily):
         self.sigma_sampling, self.logit_mean, self.logit_std = sigma_sampling, logit_mean, logit_std
         self.loss_weighting = loss_weighting
         local = resolve_pretrained(path, family="cogview4", build_tiny=save_tiny_cogview4)
-        self.pipe = CogView4Pipeline.from_pretrained(local, dtype=parse_dtype(dtype))
-        self.pipe.set_progress_bar_config(disable=True)
-        # nn.Module attributes so Lightning moves and checkpoints them; the pipeline shares them.
-        self.transformer, self.vae, self.text_encoder = self.pipe.transformer, self.pipe.vae, self.pipe.text_encoder
-        self.requires_grad_(False)
+        self.attach_pipeline(CogView4Pipeline.from_pretrained(local, dtype=parse_dtype(dtype)))
         install_masked_attention(self.transformer)
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
         if self.vae.config.shift_factor not in (None, 0, 0.0):

@@ -52,16 +52,14 @@ def save_tiny_cogview4(root: str | Path, seed: int = 0) -> Path:
     from diffusers import CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
 
     root = Path(root)
-    tmp = root.with_name(root.name + ".partial")
     torch.manual_seed(seed)
     transformer = CogView4Transformer2DModel(
         patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         text_embed_dim=TINY_TEXT_DIM, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16, sample_size=8,
         rope_axes_dim=(16, 16))
-    transformer.save_pretrained(tmp / "transformer")
-    tiny_vae().save_pretrained(tmp / "vae")
-    save_tiny_glm(tmp, hidden_size=TINY_TEXT_DIM, seed=seed)
-    FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER).save_pretrained(tmp / "scheduler")
-    (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
-    tmp.rename(root)  # atomic: a half-written tiny model is never picked up
+    transformer.save_pretrained(root / "transformer")
+    tiny_vae().save_pretrained(root / "vae")
+    save_tiny_glm(root, hidden_size=TINY_TEXT_DIM, seed=seed)
+    FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
     return root

@@ -15,7 +15,14 @@ from finetune.family import ModelFamily, Sample
 
 
 class DiffusersFamily(ModelFamily):
-    """Subclasses set `self.pipe` and `self.transformer` (the pipeline's own transformer)."""
+    """Subclasses call `attach_pipeline(pipe)` with the loaded diffusers pipeline."""
+
+    def attach_pipeline(self, pipe) -> None:
+        self.pipe = pipe
+        pipe.set_progress_bar_config(disable=True)
+        # nn.Module attributes so Lightning moves and checkpoints them; the pipeline shares them.
+        self.transformer, self.vae, self.text_encoder = pipe.transformer, pipe.vae, pipe.text_encoder
+        self.requires_grad_(False)
 
     def trainable_module(self) -> nn.Module:
         return self.transformer
