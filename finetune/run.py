@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
@@ -68,9 +69,20 @@ def train(cfg: DictConfig) -> FinetuneModule:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    if cfg.get("mode", "fit") == "test":
-        trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    else:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        if cfg.get("mode", "fit") == "test":
+            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        else:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_loggers(trainer)
     rank_zero_info(f"run directory: {run_dir.resolve()}")
     return module
+
+
+def finish_loggers(trainer: L.Trainer) -> None:
+    """Close the W&B run (also after a crash), so its files are complete for `wandb sync` and a later
+    run in the same process starts a new run instead of appending to this one."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
