@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable
 
 import lightning as L
@@ -99,8 +98,3 @@ class FinetuneModule(L.LightningModule):
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def adamw(**kwargs) -> Callable:
-    """A partial AdamW (for configs that prefer a function to `_partial_`)."""
-    return partial(torch.optim.AdamW, **kwargs)
