@@ -1,8 +1,8 @@
 """Aspect-ratio buckets and a resumable batch sampler that never mixes them.
 
-CogView4 generates any size with sides that are multiples of 32 in 512..2048 and at most 2^21 pixels
-(REFERENCE section 1); training at the images' own aspect ratios (instead of squashing or cropping all to a
-square) keeps compositions intact. Buckets have about `target_pixels` pixels each (one per height, plus its
+A text-to-image model generates a range of sizes (its family gives the limits as a `finetune.data.ImageSpec`;
+CogView4: sides multiples of 32 in 512..2048, at most 2^21 pixels); training at the images' own aspect ratios
+(instead of squashing or cropping all to a square) keeps compositions intact. Buckets have about `target_pixels` pixels each (one per height, plus its
 transpose), an image goes to the bucket nearest its aspect ratio, and a batch holds one bucket only, since
 its latents must stack and share one noise shift (which depends on the image size).
 """
@@ -19,16 +19,16 @@ from torch.utils.data import Sampler
 from datamodules.textfiles import DataError
 
 
-def make_buckets(target_pixels: int = 1024 * 1024, min_side: int = 512, max_side: int = 2048, multiple: int = 32,
-                 max_pixels: int = 2**21) -> list[tuple[int, int]]:
+def make_buckets(target_pixels: int, min_side: int, max_side: int, multiple: int,
+                 max_pixels: int) -> list[tuple[int, int]]:
     """(height, width) pairs: for each allowed height the widest width with `h * w <= target_pixels`,
     within [min_side, max_side]; sides are multiples of `multiple`. Sorted by aspect ratio (h / w)."""
     if min_side % multiple or max_side % multiple or min_side > max_side:
-        raise DataError(f"data.min_side={min_side} and data.max_side={max_side} must be multiples of "
-                        f"data.bucket_multiple={multiple} with min_side <= max_side.")
+        raise DataError(f"model.min_side={min_side} and model.max_side={max_side} must be multiples of "
+                        f"model.bucket_multiple={multiple} with min_side <= max_side.")
     if not min_side * min_side <= target_pixels <= max_pixels:
-        raise DataError(f"data.bucket_pixels={target_pixels} must lie between min_side^2={min_side * min_side} and "
-                        f"data.max_pixels={max_pixels} (CogView4: at most 2^21 = {2**21}).")
+        raise DataError(f"model.bucket_pixels={target_pixels} must lie between min_side^2={min_side * min_side} and "
+                        f"model.max_pixels={max_pixels}.")
     buckets = set()
     for h in range(min_side, max_side + 1, multiple):
         w = min(max_side, target_pixels // h // multiple * multiple)

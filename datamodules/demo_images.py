@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from finetune.hub import build_atomically
+
 COLOURS = {"red": ("红色", (220, 40, 40)), "green": ("绿色", (40, 190, 60)), "blue": ("蓝色", (50, 90, 240)),
            "yellow": ("黄色", (240, 210, 40))}
 SHAPES = {"circle": "圆形", "square": "正方形", "triangle": "三角形"}
@@ -43,12 +45,15 @@ def render(colour: str, shape: str, background: str, height: int, width: int) ->
 
 def write_demo_images(root: str | Path, count: int = 12) -> Path:
     """Write `count` images (cycling colour x shape x background, sizes and languages alternating) unless
-    already complete. Written to `root.partial` and renamed, so a half-written set is never used."""
+    already there. Built in a private folder and renamed (`finetune.hub.build_atomically`), so a half-written
+    set is never used and two runs starting at once do not collide."""
     root = Path(root)
-    metadata = root / "metadata.jsonl"
-    if metadata.exists() and len(metadata.read_text(encoding="utf-8").splitlines()) == count:
-        return root
-    tmp = root.with_name(root.name + ".partial")
+    if not (root / "metadata.jsonl").exists():
+        build_atomically(root, lambda tmp: _write_images(tmp, count))
+    return root
+
+
+def _write_images(tmp: Path, count: int) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     combos = list(itertools.product(BACKGROUNDS, COLOURS, SHAPES))
     lines = []
@@ -60,5 +65,3 @@ def write_demo_images(root: str | Path, count: int = 12) -> Path:
         caption = demo_caption(colour, shape, background, chinese=i % 2 == 1)
         lines.append(json.dumps({"file_name": name, "text": caption}, ensure_ascii=False))
     (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.rename(root)
-    return root

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.video_io import write_video
+from finetune.hub import build_atomically
+from finetune.media import write_video
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40)}
 SHAPES = ("circle", "square")
@@ -42,10 +43,15 @@ def render(colour: str, shape: str, motion: str, frames: int, size: int) -> np.n
 
 
 def write_demo_videos(root: str | Path, count: int = 8, frames: int = 17, size: int = 64, fps: int = 8) -> Path:
-    """Write `count` videos (cycling through colour x shape x motion) unless already complete."""
+    """Write `count` videos (cycling through colour x shape x motion) unless already there. Built in a private
+    folder and renamed (`finetune.hub.build_atomically`): a half-written set is never used."""
     root = Path(root)
-    if (root / "videos.txt").exists() and len((root / "videos.txt").read_text().splitlines()) == count:
-        return root
+    if not (root / "videos.txt").exists():
+        build_atomically(root, lambda tmp: _write_videos(tmp, count, frames, size, fps))
+    return root
+
+
+def _write_videos(root: Path, count: int, frames: int, size: int, fps: int) -> None:
     combos = list(itertools.product(COLOURS, SHAPES, MOTIONS))
     # Spread the first samples over all attributes rather than walking one colour first.
     order = [combos[(i * 13) % len(combos)] for i in range(count)]
@@ -57,4 +63,3 @@ def write_demo_videos(root: str | Path, count: int = 8, frames: int = 17, size: 
         videos.append(name)
     (root / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
     (root / "videos.txt").write_text("\n".join(videos) + "\n", encoding="utf-8")
-    return root

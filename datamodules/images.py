@@ -9,8 +9,9 @@ Sources (`data.root`):
 
 `check()` reads every caption and image header before the model is loaded, so a bad caption file, a
 missing or unreadable image, or an empty caption stops the run at once with the file (and line) named.
-Each image goes to the bucket nearest its aspect ratio (datamodules/buckets.py), is resized to cover the
-bucket and centre-cropped, and scaled to [-1, 1]. Batches: `image` [B, 3, H, W], `prompt`, `key`.
+Each image goes to the bucket nearest its aspect ratio (datamodules/buckets.py; the buckets' area and limits
+are the model family's `finetune.data.ImageSpec`, handed over by the engine), is resized to cover the bucket
+and centre-cropped, and scaled to [-1, 1]. Batches: `image` [B, 3, H, W], `prompt`, `key`.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import io
 import json
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from datamodules.buckets import BucketBatchSampler, make_buckets, nearest_bucket
 from datamodules.textfiles import DataError, decode_utf8_lines
+from finetune.data import FamilyDataModule, ImageSpec
 from finetune.hub import cache_root
 
 CAPTION_COLUMNS = ("text", "prompt", "caption")
@@ -136,7 +137,7 @@ def resize_crop(image: Image.Image, height: int, width: int) -> torch.Tensor:
     return (array / 127.5 - 1.0).clamp(-1.0, 1.0)
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(FamilyDataModule):
     """Args:
         root: `demo`, an image folder with metadata.jsonl/.csv, a `save_to_disk` folder, a parquet file or
             folder, or a hub dataset name (see the module docstring).
@@ -144,25 +145,22 @@ class ImageDataModule(L.LightningDataModule):
         image_column: the image column of a dataset (an `Image` feature or file paths).
         caption_column: the caption column; null takes the first of text, prompt, caption.
         dataset_config: the configuration name of a hub dataset that has several.
-        bucket_pixels: the buckets' area (1024^2: CogView4's native size); more pixels, more detail and memory.
-        min_side, max_side, bucket_multiple, max_pixels: bucket limits (CogView4: 512, 2048, 32, 2^21).
         batch_size: per device; a batch never mixes buckets.
         num_workers: decoding processes.
         seed: the order of the batches (independent of the model's noise draws).
         drop_last: drop each bucket's last incomplete batch (keeps every batch full).
         demo_count: images in the generated demo set.
+    The buckets' area and limits come from the model family (`connect`).
     """
 
+    spec_type = ImageSpec
+
     def __init__(self, root: str, split: str = "train", image_column: str = "image",
-                 caption_column: str | None = None, dataset_config: str | None = None,
-                 bucket_pixels: int = 1024 * 1024, min_side: int = 512, max_side: int = 2048,
-                 bucket_multiple: int = 32, max_pixels: int = 2**21, batch_size: int = 1, num_workers: int = 0,
-                 seed: int = 0, drop_last: bool = False, demo_count: int = 12):
+                 caption_column: str | None = None, dataset_config: str | None = None, batch_size: int = 1,
+                 num_workers: int = 0, seed: int = 0, drop_last: bool = False, demo_count: int = 12):
         super().__init__()
         self.root, self.split, self.dataset_config = root, split, dataset_config
         self.image_column, self.caption_column = image_column, caption_column
-        self.bucket_args = dict(target_pixels=bucket_pixels, min_side=min_side, max_side=max_side,
-                                multiple=bucket_multiple, max_pixels=max_pixels)
         self.batch_size, self.num_workers, self.seed, self.drop_last = batch_size, num_workers, seed, drop_last
         self.demo_count = demo_count
         self.table: dict | None = None
@@ -220,7 +218,9 @@ class ImageDataModule(L.LightningDataModule):
         """Validate captions, images and bucket limits before the model is loaded."""
         if self.table is not None:
             return self.table
-        buckets = make_buckets(**self.bucket_args)
+        spec: ImageSpec = self.require_processor().spec
+        buckets = make_buckets(target_pixels=spec.pixels, min_side=spec.min_side, max_side=spec.max_side,
+                               multiple=spec.multiple, max_pixels=spec.max_pixels)
         folder = self._folder()
         if folder is not None:
             rows, base = read_metadata(folder, self.caption_column), None
@@ -257,17 +257,18 @@ class ImageDataModule(L.LightningDataModule):
             ds = ds.add_column(name, values)
         self.dataset = ds.with_transform(self._decode)
 
-    @staticmethod
-    def _decode(batch: dict) -> dict:
-        images = []
-        for source, height, width in zip(batch["image"], batch["height"], batch["width"]):
+    def _decode(self, batch: dict) -> dict:
+        samples = []
+        for source, height, width, prompt, key in zip(batch["image"], batch["height"], batch["width"],
+                                                      batch["prompt"], batch["key"]):
             try:
                 with _open(source) as image:
-                    images.append(resize_crop(image, height, width))
+                    pixels = resize_crop(image, height, width)
             except Exception as err:  # a truncated body passes the header check: still name the file
                 raise DataError(f"{_describe(source, 'dataset row')}: cannot be decoded ({type(err).__name__}: "
                                 f"{err}). Re-save or remove it.") from None
-        return {"image": images, "prompt": batch["prompt"], "key": batch["key"]}
+            samples.append(self.processor({"image": pixels, "prompt": prompt, "key": key}))
+        return {name: [s[name] for s in samples] for name in samples[0]}
 
     def bucket_sampler(self) -> BucketBatchSampler:
         return BucketBatchSampler(self.check()["bucket"], self.batch_size, seed=self.seed, drop_last=self.drop_last)
@@ -281,9 +282,4 @@ class ImageDataModule(L.LightningDataModule):
         # model's noise draws (restored on resume) come from.
         generator = torch.Generator().manual_seed(self.seed)
         return StatefulDataLoader(self.dataset, batch_sampler=self.bucket_sampler(), num_workers=self.num_workers,
-                                  collate_fn=collate, generator=generator)
-
-
-def collate(samples: list[dict]) -> dict:
-    return {"image": torch.stack([s["image"] for s in samples]), "prompt": [s["prompt"] for s in samples],
-            "key": [s["key"] for s in samples]}
+                                  collate_fn=self.processor.collate, generator=generator)

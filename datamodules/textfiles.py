@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune.data import DataError
 
-class DataError(ValueError):
-    """Bad training data, found before any expensive work starts."""
+__all__ = ["DataError", "decode_utf8_lines", "read_lines"]
 
 
 def decode_utf8_lines(path: Path) -> list[str]:

@@ -2,7 +2,8 @@
 
 `root/prompts.txt` and `root/videos.txt` hold one caption and one video path (relative to root) per
 line. Videos are decoded with PyAV, `num_frames` frames are sampled evenly from the clip, and each frame
-is resized (shorter side) and centre-cropped to the training resolution, then scaled to [-1, 1].
+is resized (shorter side) and centre-cropped to the training resolution, then scaled to [-1, 1]. The
+resolution and frame count are the model family's (`finetune.data.VideoSpec`, handed over by the engine).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,21 +18,8 @@ import torch.nn.functional as F
 from datamodules.sampling import ResumableShuffle
 from datamodules.textfiles import DataError, read_lines
 from datamodules.video_io import count_frames, read_frames
+from finetune.data import FamilyDataModule, VideoSpec
 from finetune.hub import cache_root
-
-
-def check_video_size(height: int, width: int, num_frames: int, frame_multiple: int = 8,
-                     spatial_multiple: int = 16, where: str = "data") -> None:
-    """CogVideoX takes 8N+1 frames (4x temporal VAE; 16N+1 for 1.5) and sides divisible by 16."""
-    if num_frames < 1 or (num_frames - 1) % frame_multiple:
-        near = max(1, num_frames - (num_frames - 1) % frame_multiple)
-        raise DataError(f"{where}.num_frames={num_frames} is not {frame_multiple}N+1 (the VAE compresses time "
-                        f"4x and keeps the first frame). Use {near} or {near + frame_multiple}.")
-    for name, value in (("height", height), ("width", width)):
-        if value <= 0 or value % spatial_multiple:
-            low = value - value % spatial_multiple
-            raise DataError(f"{where}.{name}={value} is not a multiple of {spatial_multiple} (VAE 8x times the "
-                            f"transformer's 2x2 patches). Use {low or spatial_multiple} or {low + spatial_multiple}.")
 
 
 def frame_indices(available: int, wanted: int) -> list[int]:
@@ -58,22 +45,23 @@ def _file_key(path: Path, extra: str) -> str:
     return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{hashlib.sha256(extra.encode()).hexdigest()}"
 
 
-class VideoDataModule(L.LightningDataModule):
+class VideoDataModule(FamilyDataModule):
     """Args:
         root: the dataset folder, or `demo` for the generated demo set (written once to the cache).
         prompt_file, video_file: the caption and path lists inside root.
-        height, width, num_frames: the training resolution (usually the model's: `${model.height}`).
         batch_size: per device; videos in a batch share one resolution.
         num_workers: decoding processes.
         seed: order of the shuffled samples (independent of the model's noise draws).
+        demo_count: samples of the generated demo set (root=demo).
+    The resolution and frame count come from the model family (`connect`).
     """
 
+    spec_type = VideoSpec
+
     def __init__(self, root: str, prompt_file: str = "prompts.txt", video_file: str = "videos.txt",
-                 height: int = 480, width: int = 720, num_frames: int = 49, batch_size: int = 1,
-                 num_workers: int = 0, seed: int = 0, demo_count: int = 8):
+                 batch_size: int = 1, num_workers: int = 0, seed: int = 0, demo_count: int = 8):
         super().__init__()
         self.root, self.prompt_file, self.video_file = root, prompt_file, video_file
-        self.height, self.width, self.num_frames = height, width, num_frames
         self.batch_size, self.num_workers, self.seed, self.demo_count = batch_size, num_workers, seed, demo_count
         self.records: list[dict] | None = None
 
@@ -88,7 +76,7 @@ class VideoDataModule(L.LightningDataModule):
         """Validate everything that can be wrong with the data before the model is loaded."""
         if self.records is not None:
             return self.records
-        check_video_size(self.height, self.width, self.num_frames)
+        spec: VideoSpec = self.require_processor().spec
         root = self.dataset_root()
         if not root.is_dir():
             raise DataError(f"data.root={self.root!r} is not a directory. Point it at the folder holding "
@@ -109,9 +97,10 @@ class VideoDataModule(L.LightningDataModule):
             except Exception as err:
                 raise DataError(f"{path}: cannot be decoded ({type(err).__name__}: {err}). Re-encode it, e.g. "
                                 f"`ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4`, or remove it.") from None
-            if frames < self.num_frames:
-                raise DataError(f"{path}: has {frames} frames but num_frames={self.num_frames} are needed. Use a "
-                                f"longer clip or set model.num_frames to an 8N+1 value <= {frames}.")
+            if frames < spec.num_frames:
+                raise DataError(f"{path}: has {frames} frames but model.num_frames={spec.num_frames} are needed. "
+                                f"Use a longer clip, remove it, or lower model.num_frames to at most {frames} "
+                                f"(within the model's frame rule).")
             records.append({"prompt": prompt, "video": str(path), "frames": frames,
                             "key": _file_key(path, prompt)})
         self.records = records
@@ -125,9 +114,11 @@ class VideoDataModule(L.LightningDataModule):
         self.dataset = datasets.Dataset.from_dict(table).with_transform(self._decode)
 
     def _decode(self, batch: dict) -> dict:
-        videos = [resize_crop(read_frames(Path(p), frame_indices(n, self.num_frames)), self.height, self.width)
-                  for p, n in zip(batch["video"], batch["frames"])]
-        return {"video": videos, "prompt": batch["prompt"], "key": batch["key"]}
+        spec: VideoSpec = self.processor.spec
+        samples = [self.processor({"video": resize_crop(read_frames(Path(p), frame_indices(n, spec.num_frames)),
+                                                        spec.height, spec.width), "prompt": prompt, "key": key})
+                   for p, n, prompt, key in zip(batch["video"], batch["frames"], batch["prompt"], batch["key"])]
+        return {name: [s[name] for s in samples] for name in samples[0]}
 
     def train_dataloader(self):
         from torchdata.stateful_dataloader import StatefulDataLoader
@@ -138,9 +129,4 @@ class VideoDataModule(L.LightningDataModule):
         sampler = ResumableShuffle(len(self.dataset), seed=self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         return StatefulDataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, generator=generator,
-                                  num_workers=self.num_workers, collate_fn=collate, drop_last=False)
-
-
-def collate(samples: list[dict]) -> dict:
-    return {"video": torch.stack([s["video"] for s in samples]), "prompt": [s["prompt"] for s in samples],
-            "key": [s["key"] for s in samples]}
+                                  num_workers=self.num_workers, collate_fn=self.processor.collate, drop_last=False)

@@ -1,4 +1,4 @@
-"""Video decoding and writing with PyAV (torchcodec does not run with CPU torch)."""
+"""Video decoding with PyAV (torchcodec does not run with CPU torch); writing is `finetune.media.write_video`."""
 
 from __future__ import annotations
 
@@ -35,21 +35,3 @@ def read_frames(path: Path, indices: list[int]) -> np.ndarray:
     if len(picked) != len(wanted):
         raise ValueError(f"{path}: could decode only {len(picked)} of the {len(wanted)} frames needed")
     return np.stack([picked[i] for i in indices])
-
-
-def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
-    """uint8 [F, H, W, 3] -> H.264 mp4 (yuv420p, even sizes), playable in browsers and W&B."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f, h, w, _ = frames.shape
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = w - w % 2, h - h % 2
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18"}
-        for image in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image[: stream.height, : stream.width]), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path

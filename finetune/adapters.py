@@ -46,10 +46,6 @@ class LoRA:
             inject_adapter_in_model(config, module, adapter_name=self.adapter_name)
         keep_trainable_in_fp32(module)
 
-    @property
-    def is_lora(self) -> bool:
-        return True
-
 
 @dataclass
 class Full:
@@ -64,10 +60,6 @@ class Full:
         for name in matching_modules(module, self.modules) if self.modules else ():
             module.get_submodule(name).requires_grad_(True)
         keep_trainable_in_fp32(module)
-
-    @property
-    def is_lora(self) -> bool:
-        return False
 
 
 def matching_modules(module: nn.Module, names: list[str]) -> list[str]:

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from finetune.family import GenerationRequest
 from finetune.media import log_samples, save_samples
 
 
@@ -35,28 +36,34 @@ def full_parameters(trainer: L.Trainer, module: L.LightningModule):
     return contextlib.nullcontext()
 
 
+def generation_requests(prompts: list) -> list[GenerationRequest]:
+    """Config entries -> requests: a prompt string, or a mapping with `prompt` and conditioning media (`image`)."""
+    return [GenerationRequest(p) if isinstance(p, str) else GenerationRequest(**p) for p in prompts]
+
+
 class ValidationSamples(L.Callback):
     """Generate with the real inference pipeline and the current weights at a fixed seed and fixed
     prompts, every `every_n_steps` and at the end; save under `run_dir/samples/step_NNNNNN/` and log
     to W&B as `val/samples`.
 
     Args:
-        prompts: the validation prompts (the same every time, so samples are comparable).
+        prompts: the validation prompts (the same every time, so samples are comparable): strings, or mappings
+            `{prompt: ..., image: PATH}` for families conditioned on an image (image-to-video).
         every_n_steps: 0 disables the periodic samples (the final ones are still made if `at_end`).
         seed: the generator seed of the first prompt (prompt i uses seed + i).
         generate_kwargs: passed to the family's `generate` (steps, guidance scale, fps).
     """
 
-    def __init__(self, prompts: list[str], every_n_steps: int = 0, at_end: bool = True, seed: int = 42,
+    def __init__(self, prompts: list, every_n_steps: int = 0, at_end: bool = True, seed: int = 42,
                  generate_kwargs: dict | None = None):
-        self.prompts = list(prompts)
+        self.requests = generation_requests(prompts)
         self.every_n_steps, self.at_end, self.seed = every_n_steps, at_end, seed
         self.generate_kwargs = dict(generate_kwargs or {})
         self.last_step = -1
 
     def _sample(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
-        if step == self.last_step or not self.prompts:
+        if step == self.last_step or not self.requests:
             return
         self.last_step = step
         was_training = module.training
@@ -64,7 +71,7 @@ class ValidationSamples(L.Callback):
         # All ranks generate (sharded strategies need every rank in the forward); rank zero writes.
         # Sampling draws its noise from its own generators; keep the training draws untouched.
         with full_parameters(trainer, module), torch.random.fork_rng(devices=[]), torch.no_grad():
-            samples = module.family.generate(self.prompts, seed=self.seed, **self.generate_kwargs)
+            samples = module.family.generate(self.requests, seed=self.seed, **self.generate_kwargs)
         module.train(was_training)
         if trainer.is_global_zero:
             self._write(trainer, samples, step)
@@ -85,10 +92,10 @@ class ValidationSamples(L.Callback):
 
 
 class ExportAdapter(L.Callback):
-    """Write what was trained in the format inference tools load: the LoRA (diffusers
-    `pytorch_lora_weights.safetensors` with its rank/alpha metadata, or a PEFT adapter directory) or,
-    for a full finetune, the network in the checkpoint's own layout. At the end of training into
-    `run_dir/<dirname>/`, and every `every_n_steps` into `run_dir/<dirname>/step_NNNNNN/`."""
+    """Write what was trained in the format inference tools load (`family.export`: e.g. a diffusers LoRA
+    file with its rank/alpha metadata, a PEFT adapter folder, or for a full finetune the network in the
+    checkpoint's own layout). At the end of training into `run_dir/<dirname>/`, and every `every_n_steps`
+    into `run_dir/<dirname>/step_NNNNNN/`."""
 
     def __init__(self, dirname: str = "export", every_n_steps: int = 0):
         self.dirname, self.every_n_steps = dirname, every_n_steps
@@ -98,11 +105,8 @@ class ExportAdapter(L.Callback):
         with full_parameters(trainer, module):
             if trainer.is_global_zero:
                 directory.mkdir(parents=True, exist_ok=True)
-                if module.adapter.is_lora:
-                    path = module.family.save_lora(directory, adapter_name=module.adapter.adapter_name)
-                else:
-                    path = module.family.save_full(directory)
-                rank_zero_info(f"exported {'LoRA' if module.adapter.is_lora else 'weights'} to {path}")
+                path = module.family.export(directory, module.adapter)
+                rank_zero_info(f"exported {type(module.adapter).__name__} to {path}")
         trainer.strategy.barrier()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
@@ -115,15 +119,31 @@ class ExportAdapter(L.Callback):
 
 class TrainingStats(L.Callback):
     """Logs throughput (`train/samples_per_sec`, `train/step_time_s`) and memory (`train/peak_memory_gb`:
-    CUDA peak allocated on GPU, peak resident set size on CPU) every `log_every_n_steps` optimizer steps."""
+    CUDA peak allocated on GPU, peak resident set size on CPU) every `log_every_n_steps` optimizer steps, and
+    the learning rate (`train/lr`) every `trainer.log_every_n_steps` steps, as Lightning logs the loss.
+    Without a logger (`logger=none`) it logs nothing."""
 
     def __init__(self, log_every_n_steps: int = 10):
         self.log_every_n_steps = log_every_n_steps
         self._start, self._samples, self._from_step = None, 0, 0
+        self._lr_step = -1
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if self._start is None:
             self._start, self._samples, self._from_step = time.perf_counter(), 0, trainer.global_step
+        self._log_lr(trainer)
+
+    def _log_lr(self, trainer: L.Trainer) -> None:
+        """The rate the coming optimizer step uses (its scheduler steps after it), under the step index that
+        step's `train/loss` gets; once per step under gradient accumulation. Logged here rather than by
+        Lightning's LearningRateMonitor, which refuses to run without a logger."""
+        step, every = trainer.global_step, trainer.log_every_n_steps
+        if not trainer.loggers or not trainer.optimizers or not every or (step + 1) % every or step == self._lr_step:
+            return
+        self._lr_step = step
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        for logger in trainer.loggers:
+            logger.log_metrics({"train/lr": lr}, step=step)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._samples += len(batch["key"]) * trainer.world_size
@@ -149,7 +169,7 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 
 class PredictionsTable(L.Callback):
-    """Per-sample results of validation and test (`family.last_predictions()`: key, label, prediction, scores)
+    """Per-sample results of validation and test (the rows of `family.evaluate`: key, label, prediction, scores)
     with the batch's `preview` images: all rows written to `run_dir/predictions/<split>_step_NNNNNN.tsv`, the first
     `max_images` with their image logged to W&B as the table `<split>/predictions` (other loggers get only the
     metrics), and the epoch's mean scores printed.
@@ -159,9 +179,9 @@ class PredictionsTable(L.Callback):
         self.max_images = max_images
         self.rows: list[dict] = []
 
-    def _collect(self, module, batch) -> None:
+    def _collect(self, outputs, batch) -> None:
         previews = batch.get("preview") or []
-        for i, record in enumerate(module.family.last_predictions()):
+        for i, record in enumerate((outputs or {}).get("rows", [])):
             image = previews[i] if i < len(previews) and len(self.rows) < self.max_images else None
             self.rows.append({**record, "image": image})
 
@@ -189,10 +209,10 @@ class PredictionsTable(L.Callback):
                                        "trainer/global_step": step})
 
     def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(module, batch)
+        self._collect(outputs, batch)
 
     def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(module, batch)
+        self._collect(outputs, batch)
 
     def on_validation_epoch_end(self, trainer, module) -> None:
         self._write(trainer, "val")

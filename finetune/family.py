@@ -1,20 +1,36 @@
 """The one interface between the engine and a model family.
 
-The engine (`finetune.module.FinetuneModule`, the callbacks, `train.py`) never asks which model it
-trains. Everything model-specific -- loading, the objective, sampling, export -- sits in one subclass of
-`ModelFamily` per family under `recipes/`. Adding a model is one module there plus its configs.
+The engine (`finetune.module.FinetuneModule`, the callbacks, `finetune/run.py`) never asks which model it
+trains. Everything model-specific -- what a sample must look like, loading, the objective, sampling,
+evaluation, export -- sits in one subclass of `ModelFamily` per family under `recipes/`.
+
+Required: `trainable_module`, `encode`, `training_loss`, `export`. Optional: `data_processor` (what the data
+must look like, before any weights load), `cache_namespace` (encodings may be cached), `generate`
+(validation samples), `evaluate` (metrics and per-sample rows on a validation batch), `load_adapter`
+(start from or evaluate an export).
 """
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from finetune.data import Processor
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate: a prompt and, for conditioned families (image-to-video), the conditioning media
+    (`image`: a path or a PIL image)."""
+
+    prompt: str
+    image: Any = None
 
 
 @dataclass
@@ -26,6 +42,15 @@ class Sample:
     data: Any
     caption: str
     fps: int = 8
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate` found on one batch: `metrics` (means over the batch, logged as `<split>/<name>`) and
+    `rows`, one dict per sample (e.g. key, label, prediction, scores) for prediction tables."""
+
+    metrics: dict[str, float]
+    rows: list[dict] = field(default_factory=list)
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -42,12 +67,19 @@ def parse_dtype(name: str) -> torch.dtype:
 class ModelFamily(nn.Module, ABC):
     """Model-specific code behind a small interface.
 
-    Subclasses hold the frozen components and the trainable `denoiser` (or language model) as
-    submodules, so Lightning moves them to the device and the engine can add adapters to them.
+    Subclasses hold the frozen components and the trainable network as submodules, so Lightning moves them to
+    the device and the engine can add adapters to them. The constructor (or a named factory) loads the model;
+    its keyword arguments are the family's settings (`conf/model/<family>.yaml`).
     """
 
-    #: default LoRA targets, rank and alpha of the official recipe for this family
+    #: default LoRA targets of the official recipe for this family
     lora_target_modules: tuple[str, ...] = ()
+
+    @classmethod
+    def data_processor(cls, **settings) -> Processor:
+        """What the data must look like, from the same settings as the constructor, before any weights load
+        (cheap: configs and tokenizers only). Raises a clear error for settings the model cannot take."""
+        return Processor()
 
     @abstractmethod
     def trainable_module(self) -> nn.Module:
@@ -55,41 +87,32 @@ class ModelFamily(nn.Module, ABC):
 
     @abstractmethod
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Frozen encoders: turn a raw batch into per-sample tensors (cacheable, no gradients)."""
+        """Frozen encoders: turn a batch into per-sample tensors (cacheable, no gradients)."""
 
     @abstractmethod
     def training_loss(self, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training objective on an encoded batch (a scalar)."""
 
+    @abstractmethod
+    def export(self, directory: str | os.PathLike, adapter) -> Path:
+        """Write what `adapter` trained in the format the ecosystem loads; returns the written file or folder."""
+
     def cache_namespace(self) -> str:
-        """Identifies everything `encode` depends on besides the sample (model, resolution)."""
+        """Identifies everything `encode` depends on besides the sample (model, dtype, resolution)."""
         raise NotImplementedError(f"{type(self).__name__} does not support a latent cache")
 
-    def generate(self, prompts: list[str], seed: int, **kwargs) -> list[Sample]:
-        """Validation samples from the current weights."""
+    def generate(self, requests: list[GenerationRequest], seed: int, **kwargs) -> list[Sample]:
+        """Validation samples from the current weights; request i uses seed + i."""
         return []
 
-    def evaluate(self, batch: dict) -> dict[str, float]:
-        """Validation metrics on a batch of the validation split (families with a metric)."""
-        return {}
+    def evaluate(self, batch: dict) -> Evaluation:
+        """Metrics and per-sample rows on a batch of the validation or test split."""
+        return Evaluation(metrics={})
 
-    def last_predictions(self) -> list[dict]:
-        """Per-sample results of the latest `evaluate` call, e.g. {"key", "label", "prediction", "acc"}, for
-        prediction tables (`finetune.callbacks.PredictionsTable`)."""
-        return []
-
-    def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default") -> None:
-        """Load an adapter written by `save_lora` into the trainable network (`adapter_path=DIR`)."""
+    def load_adapter(self, path: str | os.PathLike, adapter) -> None:
+        """Load what `export` wrote for `adapter` into the trainable network (`adapter_path=DIR`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot load an exported adapter (adapter_path); "
                                   f"evaluate a training checkpoint with ckpt_path instead")
-
-    @abstractmethod
-    def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
-        """Write the adapter in the format the ecosystem loads; returns the written file or dir."""
-
-    @abstractmethod
-    def save_full(self, directory: str | os.PathLike) -> Path:
-        """Write the trained network in the layout of the published checkpoints."""
 
     def enable_gradient_checkpointing(self) -> None:
         module = self.trainable_module()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
+import torch
 
 
 def cache_root() -> Path:
@@ -19,7 +24,7 @@ def resolve_pretrained(path: str, *, family: str, build_tiny: Callable[[Path], N
     if path == "tiny":
         target = cache_root() / "tiny" / family
         if not (target / marker).exists():
-            _build_atomically(target, build_tiny)
+            build_atomically(target, build_tiny)
         return str(target)
     local = Path(path).expanduser()
     if local.exists():
@@ -40,12 +45,27 @@ def resolve_pretrained(path: str, *, family: str, build_tiny: Callable[[Path], N
             f"{str(err).splitlines()[0] if str(err) else ''}). {_how_to(family, path)}") from None
 
 
-def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
+@contextlib.contextmanager
+def global_rng_untouched():
+    """Restore torch's, NumPy's and Python's global random state afterwards: what a cache builds (tiny models,
+    demo data) must not shift the run's draws, or a fresh machine would train other weights than a warm one."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def build_atomically(target: Path, build: Callable[[Path], None]) -> None:
     """Build into a private folder and rename it into place: a crash never leaves a half-written model,
-    and ranks that build at the same time (torchrun) never see each other's partial files."""
+    and ranks that build at the same time (torchrun) never see each other's partial files. The global random
+    state is left as it was."""
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    build(partial)
+    with global_rng_untouched():
+        build(partial)
     try:
         partial.rename(target)
     except OSError:  # another process finished first: keep its copy

@@ -33,5 +33,9 @@ def wandb_logger(save_dir: str, project: str = "cog-finetune", name: str | None 
     if mode == "offline":
         rank_zero_warn(f"W&B: no credentials found (WANDB_API_KEY or `wandb login`), logging offline under "
                        f"{save_dir}/wandb. Upload later with: wandb sync {save_dir}/wandb/offline-run-*")
-    return WandbLogger(save_dir=save_dir, project=project, name=name, offline=(mode == "offline"),
-                       mode=mode if mode == "disabled" else None, **kwargs)
+    logger = WandbLogger(save_dir=save_dir, project=project, name=name, offline=(mode == "offline"),
+                         mode=mode if mode == "disabled" else None, **kwargs)
+    # Lightning always passes `anonymous=` to `wandb.init`, which wandb>=0.19 answers with a deprecation notice
+    # on every run; the kit never logs anonymously.
+    logger._wandb_init.pop("anonymous", None)
+    return logger

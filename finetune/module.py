@@ -59,15 +59,18 @@ class FinetuneModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["key"]))
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._log_metrics("val", batch)
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate("val", batch)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._log_metrics("test", batch)
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate("test", batch)
 
-    def _log_metrics(self, split: str, batch: dict) -> None:
-        for name, value in self.family.evaluate(batch).items():
+    def _evaluate(self, split: str, batch: dict) -> dict:
+        """Logs the family's metrics; its per-sample rows reach callbacks as the step's `outputs["rows"]`."""
+        result = self.family.evaluate(batch)
+        for name, value in result.metrics.items():
             self.log(f"{split}/{name}", value, batch_size=len(batch["key"]), sync_dist=True)
+        return {"rows": result.rows}
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.console import quiet_known_warnings
 from finetune.module import FinetuneModule
 
 
@@ -40,17 +41,31 @@ def build_module(cfg: DictConfig) -> FinetuneModule:
                           **cfg.module)
 
 
+def family_data_processor(model_cfg: DictConfig):
+    """The family's description of its data, from the model settings, before any weights load."""
+    settings = OmegaConf.to_container(model_cfg, resolve=True)
+    return get_class(settings.pop("_target_")).data_processor(**settings)
+
+
+def build_data(cfg: DictConfig):
+    """The data module connected to the family's processor and checked: bad data and settings the model cannot
+    take fail here, before the (expensive) model is loaded."""
+    datamodule = instantiate(cfg.data)
+    datamodule.connect(family_data_processor(cfg.model))
+    datamodule.check()
+    return datamodule
+
+
 def build(cfg: DictConfig) -> tuple[L.Trainer, FinetuneModule, L.LightningDataModule, str | None]:
     run_dir = Path(cfg.run_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    datamodule.check()  # bad data fails here, before the (expensive) model is loaded
+    datamodule = build_data(cfg)
     module = build_module(cfg)
-    if cfg.get("adapter_path"):  # an exported adapter (family.save_lora) as the weights, e.g. with mode=test
+    if cfg.get("adapter_path"):  # an export (family.export) as the weights, e.g. with mode=test
         if ckpt_path:
             raise ValueError("pass ckpt_path or adapter_path, not both: a checkpoint already holds the adapter")
-        module.family.load_adapter(cfg.adapter_path, adapter_name=getattr(module.adapter, "adapter_name", "default"))
+        module.family.load_adapter(cfg.adapter_path, module.adapter)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     logger = instantiate(cfg.logger)
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), strategy=instantiate(cfg.strategy),
@@ -63,6 +78,7 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, FinetuneModule, L.LightningDataMo
 def train(cfg: DictConfig) -> FinetuneModule:
     """`mode=fit` trains (resuming from `ckpt_path`); `mode=test` evaluates the test split with the
     weights of `ckpt_path`, of an exported adapter (`adapter_path`), or of the base model, and logs `test/*`."""
+    quiet_known_warnings()  # before anything warns: the console keeps only what the user can act on
     if cfg.get("mode", "fit") not in ("fit", "test"):
         raise ValueError(f"mode={cfg.mode!r}: use fit or test")
     trainer, module, datamodule, ckpt_path = build(cfg)

@@ -7,12 +7,38 @@ Objective (THUDM/CogVideo `finetune/models/cogvideox_t2v/lora_trainer.py`, REFER
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
-from datamodules.video import check_video_size
-from finetune.family import Sample, parse_dtype
+from finetune.data import DataError, Processor, VideoSpec
+from finetune.family import GenerationRequest, Sample, parse_dtype
 from finetune.hub import resolve_pretrained
 from recipes.diffusers_family import DiffusersFamily
+from recipes.diffusion import sample_latents, v_prediction_loss
+
+
+def check_video_settings(height: int, width: int, num_frames: int, transformer_config) -> None:
+    """The checkpoint's rules: 8N+1 frames (the VAE compresses time 4x and keeps the first frame; 16N+1 for
+    CogVideoX1.5, whose transformer patches latent frames in pairs), sides multiples of 8 x patch size, and the
+    native size for checkpoints with learned positional embeddings (5B-I2V)."""
+    cfg = transformer_config
+    frame_multiple = 8 * (cfg.get("patch_size_t") or 1)
+    if num_frames < 1 or (num_frames - 1) % frame_multiple:
+        near = max(1, num_frames - (num_frames - 1) % frame_multiple)
+        raise DataError(f"model.num_frames={num_frames} is not {frame_multiple}N+1 for this checkpoint. Use {near} or "
+                        f"{near + frame_multiple}.")
+    spatial_multiple = 8 * cfg.get("patch_size", 2)
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % spatial_multiple:
+            low = value - value % spatial_multiple
+            raise DataError(f"model.{name}={value} is not a multiple of {spatial_multiple} (VAE 8x times the "
+                            f"transformer's patches). Use {low or spatial_multiple} or {low + spatial_multiple}.")
+    native = (cfg.get("sample_height", 60) * 8, cfg.get("sample_width", 90) * 8)
+    if cfg.get("use_learned_positional_embeddings") and (height, width) != native:
+        raise DataError(f"this checkpoint has learned positional embeddings for {native[0]}x{native[1]}; set "
+                        f"model.height={native[0]} model.width={native[1]}.")
 
 
 class CogVideoX(DiffusersFamily):
@@ -26,23 +52,30 @@ class CogVideoX(DiffusersFamily):
         max_sequence_length: T5 tokens (226 in the official recipe).
         enable_vae_tiling: encode/decode 49x480x720 videos in tiles and one sample at a time, as the
             official finetune does: far less memory, tiny seams. No effect below the tile size (240x360).
+        pipeline: an already built `CogVideoXPipeline` to wrap instead of loading `path` (see `from_pipeline`).
     """
 
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
-    frame_multiple = 8
+    pipeline_class = "CogVideoXPipeline"
 
     def __init__(self, path: str = "THUDM/CogVideoX-2b", dtype: str = "bf16", height: int = 480,
                  width: int = 720, num_frames: int = 49, max_sequence_length: int = 226,
-                 enable_vae_tiling: bool = True):
+                 enable_vae_tiling: bool = True, pipeline=None):
         super().__init__()
-        from diffusers import CogVideoXPipeline
+        import diffusers
 
-        from recipes.cogvideox_tiny import save_tiny_cogvideox
-
-        self.path = path
-        local = resolve_pretrained(path, family="cogvideox", build_tiny=save_tiny_cogvideox)
-        pipe = CogVideoXPipeline.from_pretrained(local, dtype=parse_dtype(dtype))
-        self._attach(pipe, height, width, num_frames, max_sequence_length)
+        self.path, self.dtype_name = path, dtype
+        self.height, self.width, self.num_frames = height, width, num_frames
+        self.max_sequence_length = max_sequence_length
+        if pipeline is None:
+            self.data_processor(path=path, height=height, width=width, num_frames=num_frames)
+            pipeline = getattr(diffusers, self.pipeline_class).from_pretrained(
+                self.local_checkpoint(path), dtype=parse_dtype(dtype))
+        else:
+            check_video_settings(height, width, num_frames, pipeline.transformer.config)
+        self.attach_pipeline(pipeline)
+        # The training scheduler of the official finetune; same alphas as the shipped DDIM config.
+        self.scheduler = diffusers.CogVideoXDPMScheduler.from_config(pipeline.scheduler.config)
         if enable_vae_tiling:
             self.vae.enable_slicing()
             self.vae.enable_tiling()
@@ -51,33 +84,26 @@ class CogVideoX(DiffusersFamily):
     def from_pipeline(cls, pipe, height: int, width: int, num_frames: int, max_sequence_length: int = 226,
                       path: str = "in-memory") -> "CogVideoX":
         """Wrap components built in memory (benchmarks with random real-size weights)."""
-        self = cls.__new__(cls)
-        DiffusersFamily.__init__(self)
-        self.path = path
-        self._attach(pipe, height, width, num_frames, max_sequence_length)
-        return self
+        return cls(path=path, height=height, width=width, num_frames=num_frames,
+                   max_sequence_length=max_sequence_length, enable_vae_tiling=False, pipeline=pipe)
 
-    def _attach(self, pipe, height: int, width: int, num_frames: int, max_sequence_length: int) -> None:
-        from diffusers import CogVideoXDPMScheduler
+    @classmethod
+    def local_checkpoint(cls, path: str) -> str:
+        from recipes.cogvideox_tiny import save_tiny_cogvideox
 
-        self.height, self.width, self.num_frames = height, width, num_frames
-        self.max_sequence_length = max_sequence_length
-        self.attach_pipeline(pipe)
-        # The training scheduler of the official finetune; same alphas as the shipped DDIM config.
-        self.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
-        self._check_resolution()
+        return resolve_pretrained(path, family="cogvideox", build_tiny=save_tiny_cogvideox)
 
-    def _check_resolution(self) -> None:
-        cfg = self.transformer.config
-        check_video_size(self.height, self.width, self.num_frames, frame_multiple=8 * (cfg.patch_size_t or 1),
-                         spatial_multiple=8 * cfg.patch_size, where="model")
-        native = (cfg.sample_height * 8, cfg.sample_width * 8)
-        if cfg.use_learned_positional_embeddings and (self.height, self.width) != native:
-            raise ValueError(f"this checkpoint has learned positional embeddings for {native[0]}x{native[1]}; "
-                             f"set model.height={native[0]} model.width={native[1]}.")
+    @classmethod
+    def data_processor(cls, path: str = "THUDM/CogVideoX-2b", height: int = 480, width: int = 720,
+                       num_frames: int = 49, **_) -> Processor:
+        """Clips of height x width x num_frames, checked against the checkpoint's transformer config."""
+        config = json.loads((Path(cls.local_checkpoint(path)) / "transformer" / "config.json").read_text())
+        check_video_settings(height, width, num_frames, config)
+        return Processor(VideoSpec(height=height, width=width, num_frames=num_frames))
 
     def cache_namespace(self) -> str:
-        return f"cogvideox|{self.path}|{self.height}x{self.width}x{self.num_frames}|{self.max_sequence_length}"
+        return (f"cogvideox|{self.path}|{self.dtype_name}|{self.height}x{self.width}x{self.num_frames}"
+                f"|{self.max_sequence_length}")
 
     # -- frozen encoders ------------------------------------------------------------------------
     @torch.no_grad()
@@ -94,10 +120,7 @@ class CogVideoX(DiffusersFamily):
     # -- objective ------------------------------------------------------------------------------
     def sample_latents(self, encoded: dict) -> torch.Tensor:
         """`latent_dist.sample() * scaling_factor` laid out [B, F, C, H, W]."""
-        mean, logvar = encoded["latent_mean"], encoded["latent_logvar"]
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        latents = (mean + std * torch.randn_like(mean)) * self.vae.config.scaling_factor
-        latents = latents.permute(0, 2, 1, 3, 4)
+        latents = sample_latents(encoded, self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4)
         p_t = self.transformer.config.patch_size_t
         if p_t is not None and latents.shape[1] % p_t:
             # CogVideoX1.5: prepend copies of the first latent frame to make the count divisible.
@@ -113,34 +136,30 @@ class CogVideoX(DiffusersFamily):
         scale = self.pipe.vae_scale_factor_spatial
         return self.pipe._prepare_rotary_positional_embeddings(h * scale, w * scale, frames, latents.device)
 
+    def conditioning(self, x_t: torch.Tensor, encoded: dict) -> tuple[torch.Tensor, dict]:
+        """The transformer's input for the noisy latents and any extra keyword arguments. Text-to-video: the
+        latents as they are; an image-to-video subclass concatenates the image latents on channels here (and
+        CogVideoX1.5-I2V passes `ofs`)."""
+        return x_t, {}
+
     def training_loss(self, encoded: dict, noise: torch.Tensor | None = None,
                       timesteps: torch.Tensor | None = None) -> torch.Tensor:
         x0 = self.sample_latents(encoded)
-        batch = x0.shape[0]
-        if timesteps is None:
-            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), device=x0.device)
-        if noise is None:
-            noise = torch.randn_like(x0)
-        x_t = self.scheduler.add_noise(x0, noise, timesteps)
-        v_hat = self.transformer(
-            hidden_states=x_t.to(self.transformer.dtype), encoder_hidden_states=encoded["prompt_embeds"].to(self.transformer.dtype),
-            timestep=timesteps, image_rotary_emb=self.rotary_embeddings(x0), return_dict=False)[0]
-        x0_hat = self.scheduler.get_velocity(v_hat.float(), x_t, timesteps)
-        abar = self.scheduler.alphas_cumprod.to(x0.device)[timesteps].float()
-        weights = (1.0 / (1.0 - abar)).view(batch, 1, 1, 1, 1)
-        per_sample = (weights * (x0_hat - x0) ** 2).reshape(batch, -1).mean(dim=1)
-        return per_sample.mean()
+        dtype = self.transformer.dtype
+        prompt_embeds, rotary = encoded["prompt_embeds"].to(dtype), self.rotary_embeddings(x0)
 
-    # -- sampling and export --------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, prompts: list[str], seed: int, num_inference_steps: int = 50,
-                 guidance_scale: float = 6.0, fps: int = 8) -> list[Sample]:
-        samples = []
-        for i, prompt in enumerate(prompts):
-            generator = torch.Generator(device="cpu").manual_seed(seed + i)
-            frames = self.pipe(prompt, height=self.height, width=self.width, num_frames=self.num_frames,
-                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                               max_sequence_length=self.max_sequence_length, generator=generator,
-                               output_type="np").frames[0]
-            samples.append(Sample("video", (frames * 255).round().astype("uint8"), prompt, fps=fps))
-        return samples
+        def predict(x_t, t):
+            hidden_states, extra = self.conditioning(x_t, encoded)
+            return self.transformer(hidden_states=hidden_states.to(dtype), encoder_hidden_states=prompt_embeds,
+                                    timestep=t, image_rotary_emb=rotary, return_dict=False, **extra)[0]
+
+        return v_prediction_loss(predict, self.scheduler, x0, noise=noise, timesteps=timesteps)
+
+    # -- sampling -------------------------------------------------------------------------------
+    def generate_one(self, request: GenerationRequest, generator: torch.Generator, num_inference_steps: int = 50,
+                     guidance_scale: float = 6.0, fps: int = 8) -> Sample:
+        frames = self.pipe(request.prompt, height=self.height, width=self.width, num_frames=self.num_frames,
+                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                           max_sequence_length=self.max_sequence_length, generator=generator,
+                           output_type="np").frames[0]
+        return Sample("video", (frames * 255).round().astype("uint8"), request.prompt, fps=fps)

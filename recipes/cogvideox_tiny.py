@@ -6,12 +6,12 @@ encoding and export code as the real model. Sizes: 32x32 pixels, 9 frames -> 4x4
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from recipes.tiny_text import save_tiny_t5
+from recipes.tiny_layout import save_diffusers_layout
+from recipes.tiny_text import tiny_t5
 
 TINY_TEXT_DIM = 32
 
@@ -43,14 +43,6 @@ def save_tiny_cogvideox(root: str | Path, seed: int = 0, use_rotary: bool = True
     vae = AutoencoderKLCogVideoX(
         block_out_channels=(8, 8, 8, 16), latent_channels=16, layers_per_block=1, norm_num_groups=4,
         temporal_compression_ratio=4, scaling_factor=1.15258426)  # default sample size: tiles of 240x360 as the real VAE
-    transformer.save_pretrained(root / "transformer")
-    vae.save_pretrained(root / "vae")
-    save_tiny_t5(root, d_model=TINY_TEXT_DIM, seed=seed)
-    CogVideoXDDIMScheduler.from_config(SCHEDULER_2B).save_pretrained(root / "scheduler")
-    index = {"_class_name": "CogVideoXPipeline", "_diffusers_version": "0.42.1",
-             "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
-             "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
-             "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
-             "vae": ["diffusers", "AutoencoderKLCogVideoX"]}
-    (root / "model_index.json").write_text(json.dumps(index, indent=2))
-    return root
+    return save_diffusers_layout(root, "CogVideoXPipeline", {
+        "transformer": transformer, "vae": vae, "scheduler": CogVideoXDDIMScheduler.from_config(SCHEDULER_2B),
+        **tiny_t5(d_model=TINY_TEXT_DIM, seed=seed)})

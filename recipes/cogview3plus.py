@@ -8,8 +8,9 @@ sqrt(1 - abar_t) x0` and the loss is its MSE (the same as CogVideoX's x0-space l
 `max_sequence_length`, `original_size = target_size = (H, W)`, `crop_coords = (0, 0)`, integer timesteps.
 
 diffusers has no LoRA loader for this model and its transformer is not a `PeftAdapterMixin`: the engine
-injects LoRA with peft (`finetune.adapters.LoRA`), and `save_lora` writes the transformer with the LoRA
-merged in (`W + (alpha / r) B A`), in the diffusers layout, which the pipeline loads as a component.
+injects LoRA with peft (`finetune.adapters.LoRA`), and the export writes the transformer with the LoRA merged
+in (`W + (alpha / r) B A`), in the diffusers layout, which the pipeline loads as a component, next to the LoRA
+itself (`transformer_lora.safetensors`, to start another run from or evaluate with `adapter_path`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,15 @@ from pathlib import Path
 
 import torch
 
-from finetune.adapters import merged_state_dict
-from finetune.family import parse_dtype
+from finetune.adapters import LoRA, merged_state_dict
+from finetune.data import Processor
+from finetune.family import GenerationRequest, Sample, parse_dtype
 from finetune.hub import resolve_pretrained
+from recipes.cogview4 import image_processor
 from recipes.diffusers_family import DiffusersFamily
+from recipes.diffusion import sample_latents, v_prediction_loss
+
+LORA_FILE = "transformer_lora.safetensors"
 
 
 class CogView3Plus(DiffusersFamily):
@@ -34,21 +40,22 @@ class CogView3Plus(DiffusersFamily):
         dtype: weights of the frozen parts and the base transformer; trainable parameters stay fp32.
         height, width: size of the validation samples (training sizes come from the data's buckets).
         max_sequence_length: T5 tokens; prompts are padded to it (224, as the pipeline).
+        bucket_pixels, min_side, max_side, bucket_multiple, max_pixels: the training buckets' area and the sizes
+            the model generates (as CogView4: 512..2048, multiples of 32, at most 2^21 pixels).
     """
 
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(self, path: str = "THUDM/CogView3-Plus-3B", dtype: str = "bf16", height: int = 1024,
-                 width: int = 1024, max_sequence_length: int = 224):
+                 width: int = 1024, max_sequence_length: int = 224, bucket_pixels: int = 1024 * 1024,
+                 min_side: int = 512, max_side: int = 2048, bucket_multiple: int = 32, max_pixels: int = 2**21):
         super().__init__()
         from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline
 
         from recipes.cogview3plus_tiny import save_tiny_cogview3plus
 
-        for name, value in (("height", height), ("width", width)):
-            if value % 32:
-                raise ValueError(f"model.{name}={value}: CogView3-Plus needs multiples of 32; use "
-                                 f"{value - value % 32 or 32}.")
+        self.data_processor(height=height, width=width, bucket_pixels=bucket_pixels, min_side=min_side,
+                            max_side=max_side, bucket_multiple=bucket_multiple, max_pixels=max_pixels)
         self.path, self.dtype_name = path, dtype
         self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
         local = resolve_pretrained(path, family="cogview3plus", build_tiny=save_tiny_cogview3plus)
@@ -57,6 +64,13 @@ class CogView3Plus(DiffusersFamily):
         if self.scheduler.config.prediction_type != "v_prediction":
             raise ValueError(f"{local}: scheduler prediction_type={self.scheduler.config.prediction_type!r}; "
                              f"this recipe trains v-prediction as CogView3-Plus does.")
+
+    @classmethod
+    def data_processor(cls, height: int = 1024, width: int = 1024, bucket_pixels: int = 1024 * 1024,
+                       min_side: int = 512, max_side: int = 2048, bucket_multiple: int = 32, max_pixels: int = 2**21,
+                       **_) -> Processor:
+        return image_processor("CogView3-Plus", height, width, bucket_pixels, min_side, max_side, bucket_multiple,
+                               max_pixels)
 
     def cache_namespace(self) -> str:
         return f"cogview3plus|{self.path}|{self.dtype_name}|{self.max_sequence_length}"
@@ -74,35 +88,38 @@ class CogView3Plus(DiffusersFamily):
 
     def sample_latents(self, encoded: dict) -> torch.Tensor:
         """`latent_dist.sample() * scaling_factor` (the pipeline decodes `latents / scaling_factor`)."""
-        mean, logvar = encoded["latent_mean"].float(), encoded["latent_logvar"].float()
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        return (mean + std * torch.randn_like(mean)) * self.vae.config.scaling_factor
+        return sample_latents(encoded, self.vae.config.scaling_factor)
 
     def training_loss(self, encoded: dict, noise: torch.Tensor | None = None,
                       timesteps: torch.Tensor | None = None) -> torch.Tensor:
         x0 = self.sample_latents(encoded)
         batch, _, h, w = x0.shape
-        if timesteps is None:
-            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), device=x0.device)
-        noise = torch.randn_like(x0) if noise is None else noise
-        x_t = self.scheduler.add_noise(x0, noise, timesteps)
-        target = self.scheduler.get_velocity(x0, noise, timesteps)
-        scale = self.pipe.vae_scale_factor
-        dtype = self.transformer.dtype
+        scale, dtype = self.pipe.vae_scale_factor, self.transformer.dtype
         sizes = torch.tensor([[h * scale, w * scale]] * batch, dtype=dtype, device=x0.device)
-        v_hat = self.transformer(
-            hidden_states=x_t.to(dtype), encoder_hidden_states=encoded["prompt_embeds"].to(dtype), timestep=timesteps,
-            original_size=sizes, target_size=sizes, crop_coords=torch.zeros_like(sizes), return_dict=False)[0]
-        return ((v_hat.float() - target) ** 2).reshape(batch, -1).mean(dim=1).mean()
+        prompt_embeds = encoded["prompt_embeds"].to(dtype)
 
-    def generate(self, prompts: list[str], seed: int, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.0) -> list:
-        return self.generate_images(prompts, seed, num_inference_steps=num_inference_steps,
-                                    guidance_scale=guidance_scale)
+        def predict(x_t, t):
+            return self.transformer(
+                hidden_states=x_t.to(dtype), encoder_hidden_states=prompt_embeds, timestep=t, original_size=sizes,
+                target_size=sizes, crop_coords=torch.zeros_like(sizes), return_dict=False)[0]
 
-    def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
-        """The transformer with the LoRA merged in, in diffusers layout (`directory/transformer/`), plus the
-        LoRA's settings in `directory/lora_config.json` for the record. The training model is untouched."""
+        return v_prediction_loss(predict, self.scheduler, x0, noise=noise, timesteps=timesteps)
+
+    def generate_one(self, request: GenerationRequest, generator: torch.Generator, num_inference_steps: int = 50,
+                     guidance_scale: float = 7.0) -> Sample:
+        return self.generate_image(request, generator, num_inference_steps, guidance_scale)
+
+    # -- export ---------------------------------------------------------------------------------
+    def export(self, directory: str | os.PathLike, adapter) -> Path:
+        """LoRA: the merged transformer (`write_merged_transformer`) and the LoRA itself; full: `transformer/`."""
+        if isinstance(adapter, LoRA):
+            return self.write_merged_transformer(directory, adapter.adapter_name)
+        return self.write_transformer(directory)
+
+    def write_merged_transformer(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+        """`directory/transformer/` with the LoRA folded into the weights, in diffusers layout, and
+        `directory/transformer_lora.safetensors` (the LoRA, its settings in the header). The training model is
+        untouched."""
         from safetensors.torch import save_file
 
         path = Path(directory) / "transformer"
@@ -110,7 +127,11 @@ class CogView3Plus(DiffusersFamily):
         self.transformer.save_config(path)
         save_file(merged_state_dict(self.transformer, adapter_name), str(path / "diffusion_pytorch_model.safetensors"),
                   metadata={"format": "pt"})
-        config = self.transformer.peft_config[adapter_name].to_dict()
+        state, config = self.lora_state(adapter_name)
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-        (Path(directory) / "lora_config.json").write_text(json.dumps(config, indent=2, default=str))
+        save_file({f"transformer.{k}": v for k, v in state.items()}, str(Path(directory) / LORA_FILE),
+                  metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config, default=str)})
         return path
+
+    def lora_file_name(self) -> str:
+        return LORA_FILE

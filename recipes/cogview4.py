@@ -20,12 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.family import parse_dtype
+from finetune.data import DataError, ImageSpec, Processor
+from finetune.family import GenerationRequest, Sample, parse_dtype
 from finetune.hub import resolve_pretrained
 from recipes.diffusers_family import DiffusersFamily
-
-SIGMA_SAMPLING = ("uniform", "logit_normal")
-LOSS_WEIGHTING = ("none", "cosmap")
+from recipes.diffusion import FlowMatching, sample_latents
 
 
 class MaskedCogView4AttnProcessor:
@@ -74,6 +73,22 @@ def round_up(value: int, multiple: int = 16) -> int:
     return -(-value // multiple) * multiple
 
 
+def check_sides(family: str, multiple: int, **sides: int) -> None:
+    for name, value in sides.items():
+        if value % multiple:
+            raise DataError(f"model.{name}={value}: {family} needs multiples of {multiple} (VAE 8x, 2x2 patches, "
+                            f"RoPE grid); use {value - value % multiple or multiple}.")
+
+
+def image_processor(family: str, height: int, width: int, bucket_pixels: int, min_side: int, max_side: int,
+                    bucket_multiple: int, max_pixels: int) -> Processor:
+    """Aspect buckets within the model's limits (CogView4 and CogView3-Plus: sides multiples of 32 in 512..2048,
+    at most 2^21 pixels; REFERENCE section 1)."""
+    check_sides(family, bucket_multiple, height=height, width=width, min_side=min_side, max_side=max_side)
+    return Processor(ImageSpec(pixels=bucket_pixels, min_side=min_side, max_side=max_side, multiple=bucket_multiple,
+                               max_pixels=max_pixels))
+
+
 class CogView4(DiffusersFamily):
     """CogView4-6B text-to-image (Chinese and English prompts).
 
@@ -88,37 +103,45 @@ class CogView4(DiffusersFamily):
         sigma_sampling: `uniform` (CogKit: t ~ U{0..999}) or `logit_normal` (SD3; more weight mid-noise).
         logit_mean, logit_std: the logit-normal density's parameters.
         loss_weighting: `none` (CogKit: plain MSE) or `cosmap` (SD3's weighting on the shifted sigma).
+        bucket_pixels: the training buckets' area (1024^2: the native size); more pixels, more detail and memory.
+        min_side, max_side, bucket_multiple, max_pixels: the sizes the model generates (512..2048, multiples of
+            32, at most 2^21 pixels); the buckets stay within them.
     """
 
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(self, path: str = "THUDM/CogView4-6B", dtype: str = "bf16", height: int = 1024,
                  width: int = 1024, max_sequence_length: int = 1024, sigma_sampling: str = "uniform",
-                 logit_mean: float = 0.0, logit_std: float = 1.0, loss_weighting: str = "none"):
+                 logit_mean: float = 0.0, logit_std: float = 1.0, loss_weighting: str = "none",
+                 bucket_pixels: int = 1024 * 1024, min_side: int = 512, max_side: int = 2048,
+                 bucket_multiple: int = 32, max_pixels: int = 2**21):
         super().__init__()
         from diffusers import CogView4Pipeline, FlowMatchEulerDiscreteScheduler
 
         from recipes.cogview4_tiny import save_tiny_cogview4
 
-        if sigma_sampling not in SIGMA_SAMPLING or loss_weighting not in LOSS_WEIGHTING:
-            raise ValueError(f"model.sigma_sampling={sigma_sampling!r} / model.loss_weighting={loss_weighting!r}: "
-                             f"use one of {SIGMA_SAMPLING} / {LOSS_WEIGHTING}")
-        for name, value in (("height", height), ("width", width)):
-            if value % 32:
-                raise ValueError(f"model.{name}={value}: CogView4 needs multiples of 32 (VAE 8x, 2x2 patches, "
-                                 f"RoPE grid); use {value - value % 32 or 32}.")
+        self.data_processor(height=height, width=width, bucket_pixels=bucket_pixels, min_side=min_side,
+                            max_side=max_side, bucket_multiple=bucket_multiple, max_pixels=max_pixels)
         self.path, self.dtype_name = path, dtype
         self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
         self.text_pad_length = round_up(max_sequence_length)
-        self.sigma_sampling, self.logit_mean, self.logit_std = sigma_sampling, logit_mean, logit_std
-        self.loss_weighting = loss_weighting
         local = resolve_pretrained(path, family="cogview4", build_tiny=save_tiny_cogview4)
         self.attach_pipeline(CogView4Pipeline.from_pretrained(local, dtype=parse_dtype(dtype)))
         install_masked_attention(self.transformer)
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        # the transformer is told the unshifted sigma * 1000, as CogView4Pipeline (diffusers 0.42.1) does
+        self.flow = FlowMatching(self.scheduler, sigma_sampling, logit_mean, logit_std, loss_weighting,
+                                 timestep_shifted=False)
         if self.vae.config.shift_factor not in (None, 0, 0.0):
             raise ValueError(f"{local}: vae.config.shift_factor={self.vae.config.shift_factor}, but CogView4Pipeline "
                              f"decodes latents / scaling_factor without a shift; training would not match inference.")
+
+    @classmethod
+    def data_processor(cls, height: int = 1024, width: int = 1024, bucket_pixels: int = 1024 * 1024,
+                       min_side: int = 512, max_side: int = 2048, bucket_multiple: int = 32, max_pixels: int = 2**21,
+                       **_) -> Processor:
+        return image_processor("CogView4", height, width, bucket_pixels, min_side, max_side, bucket_multiple,
+                               max_pixels)
 
     def cache_namespace(self) -> str:
         return f"cogview4|{self.path}|{self.dtype_name}|text{self.max_sequence_length}"
@@ -147,9 +170,7 @@ class CogView4(DiffusersFamily):
     # -- objective ------------------------------------------------------------------------------
     def sample_latents(self, encoded: dict) -> torch.Tensor:
         """`latent_dist.sample() * scaling_factor` (the pipeline decodes `latents / scaling_factor`)."""
-        mean, logvar = encoded["latent_mean"].float(), encoded["latent_logvar"].float()
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        return (mean + std * torch.randn_like(mean)) * self.vae.config.scaling_factor
+        return sample_latents(encoded, self.vae.config.scaling_factor)
 
     def shift_mu(self, height: int, width: int) -> float:
         """The pipeline's own `calculate_shift` on `image_seq_len = (H/8)(W/8)/patch^2`."""
@@ -160,19 +181,6 @@ class CogView4(DiffusersFamily):
         cfg = self.scheduler.config
         return calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("base_shift", 0.25),
                                cfg.get("max_shift", 0.75))
-
-    def shifted_sigma(self, sigma: torch.Tensor, mu: float) -> torch.Tensor:
-        """The noise level for `sigma`: the scheduler's own time shift (linear for CogView4)."""
-        return self.scheduler.time_shift(mu, 1.0, sigma)
-
-    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """What the transformer is told: the unshifted `sigma * 1000` (CogView4Pipeline, diffusers 0.42.1)."""
-        return sigma * self.scheduler.config.num_train_timesteps
-
-    def sample_sigmas(self, n: int, device: torch.device) -> torch.Tensor:
-        if self.sigma_sampling == "uniform":
-            return torch.rand(n, device=device)
-        return torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, device=device))
 
     def text_inputs(self, encoded: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embeddings trimmed to the batch's longest prompt and the key mask (None when nothing is padded)."""
@@ -187,29 +195,23 @@ class CogView4(DiffusersFamily):
         x0 = self.sample_latents(encoded) if x0 is None else x0
         batch, _, h, w = x0.shape
         height, width = h * self.pipe.vae_scale_factor, w * self.pipe.vae_scale_factor
-        sigmas = self.sample_sigmas(batch, x0.device) if sigmas is None else sigmas.to(x0.device)
-        noise = torch.randn_like(x0) if noise is None else noise
-        shifted = self.shifted_sigma(sigmas.float(), self.shift_mu(height, width)).view(batch, 1, 1, 1)
-        x_t = (1.0 - shifted) * x0 + shifted * noise
         embeds, mask = self.text_inputs(encoded)
         dtype = self.transformer.dtype
         sizes = torch.tensor([[height, width]] * batch, dtype=dtype, device=x0.device)
-        pred = self.transformer(
-            hidden_states=x_t.to(dtype), encoder_hidden_states=embeds.to(dtype), timestep=self.timestep(sigmas),
-            original_size=sizes, target_size=sizes, crop_coords=torch.zeros_like(sizes), attention_mask=mask,
-            return_dict=False)[0]
-        per_sample = ((pred.float() - (noise - x0)) ** 2).reshape(batch, -1).mean(dim=1)
-        if self.loss_weighting == "cosmap":  # SD3 (Esser et al. 2024), section 3.1
-            s = shifted.view(batch)
-            per_sample = per_sample * 2.0 / (torch.pi * (1.0 - 2.0 * s + 2.0 * s**2))
-        return per_sample
+
+        def predict(x_t, timestep):
+            return self.transformer(
+                hidden_states=x_t.to(dtype), encoder_hidden_states=embeds.to(dtype), timestep=timestep,
+                original_size=sizes, target_size=sizes, crop_coords=torch.zeros_like(sizes), attention_mask=mask,
+                return_dict=False)[0]
+
+        return self.flow.per_sample_loss(predict, x0, self.shift_mu(height, width), noise=noise, sigmas=sigmas)
 
     def training_loss(self, encoded: dict, noise: torch.Tensor | None = None,
                       sigmas: torch.Tensor | None = None) -> torch.Tensor:
         return self.per_sample_loss(encoded, noise=noise, sigmas=sigmas).mean()
 
-    # -- sampling and export --------------------------------------------------------------------
-    def generate(self, prompts: list[str], seed: int, num_inference_steps: int = 50,
-                 guidance_scale: float = 3.5) -> list:
-        return self.generate_images(prompts, seed, num_inference_steps=num_inference_steps,
-                                    guidance_scale=guidance_scale)
+    # -- sampling -------------------------------------------------------------------------------
+    def generate_one(self, request: GenerationRequest, generator: torch.Generator, num_inference_steps: int = 50,
+                     guidance_scale: float = 3.5) -> Sample:
+        return self.generate_image(request, generator, num_inference_steps, guidance_scale)

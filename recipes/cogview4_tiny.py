@@ -9,12 +9,12 @@ shift 0, per diffusers' `scripts/convert_cogview4_to_diffusers_megatron.py`) at 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from recipes.tiny_text import save_tiny_glm
+from recipes.tiny_layout import save_diffusers_layout
+from recipes.tiny_text import tiny_glm
 
 TINY_TEXT_DIM = 32
 
@@ -24,14 +24,6 @@ SCHEDULER = {
     "invert_sigmas": False, "max_image_seq_len": 4096, "max_shift": 0.75, "num_train_timesteps": 1000,
     "shift": 1.0, "shift_terminal": None, "time_shift_type": "linear", "use_beta_sigmas": False,
     "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False,
-}
-
-# THUDM/CogView4-6B model_index.json.
-MODEL_INDEX = {
-    "_class_name": "CogView4Pipeline", "_diffusers_version": "0.42.1",
-    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "GlmModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-    "transformer": ["diffusers", "CogView4Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
 }
 
 
@@ -57,9 +49,6 @@ def save_tiny_cogview4(root: str | Path, seed: int = 0) -> Path:
         patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         text_embed_dim=TINY_TEXT_DIM, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16, sample_size=8,
         rope_axes_dim=(16, 16))
-    transformer.save_pretrained(root / "transformer")
-    tiny_vae().save_pretrained(root / "vae")
-    save_tiny_glm(root, hidden_size=TINY_TEXT_DIM, seed=seed)
-    FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
-    return root
+    return save_diffusers_layout(root, "CogView4Pipeline", {
+        "transformer": transformer, "vae": tiny_vae(), "scheduler": FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER),
+        **tiny_glm(hidden_size=TINY_TEXT_DIM, seed=seed)}, class_names={"tokenizer": "PreTrainedTokenizerFast"})

@@ -1,21 +1,27 @@
 """What every diffusers-pipeline family shares: the transformer is the trained network, LoRAs are
 exported with the pipeline's own `save_lora_weights` (keys `transformer.*`, rank/alpha/targets in the
 header's `lora_adapter_metadata`, so `load_lora_weights` restores the trained strength), full finetunes
-are saved as the transformer in diffusers layout, and image samples come from the pipeline itself."""
+are saved as the transformer in diffusers layout, exports load back as a starting point (`adapter_path`),
+and validation samples come from the pipeline itself, one request at a time."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from finetune.family import ModelFamily, Sample
+from finetune.adapters import LoRA
+from finetune.family import GenerationRequest, ModelFamily, Sample
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 class DiffusersFamily(ModelFamily):
-    """Subclasses call `attach_pipeline(pipe)` with the loaded diffusers pipeline."""
+    """Subclasses call `attach_pipeline(pipe)` with the loaded diffusers pipeline and implement
+    `generate_one`."""
 
     def attach_pipeline(self, pipe) -> None:
         self.pipe = pipe
@@ -27,31 +33,101 @@ class DiffusersFamily(ModelFamily):
     def trainable_module(self) -> nn.Module:
         return self.transformer
 
-    def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    # -- export and reload ------------------------------------------------------------------------
+    def export(self, directory: str | os.PathLike, adapter) -> Path:
+        """LoRA: `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(dir)`; full finetune: the
+        transformer in diffusers layout (`transformer/`)."""
+        if isinstance(adapter, LoRA):
+            return self.write_lora_weights(directory, adapter.adapter_name)
+        return self.write_transformer(directory)
+
+    def lora_state(self, adapter_name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """The adapter's tensors (peft key names, on CPU) and its settings (rank, alpha, targets)."""
         from peft.utils import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(self.transformer, adapter_name=adapter_name)
         state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        metadata = self.transformer.peft_config[adapter_name].to_dict()
+        return state, self.transformer.peft_config[adapter_name].to_dict()
+
+    def write_lora_weights(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+        state, metadata = self.lora_state(adapter_name)
         type(self.pipe).save_lora_weights(directory, transformer_lora_layers=state,
                                           transformer_lora_adapter_metadata=metadata)
-        return Path(directory) / "pytorch_lora_weights.safetensors"
+        return Path(directory) / LORA_FILE
 
-    def save_full(self, directory: str | os.PathLike) -> Path:
+    def write_transformer(self, directory: str | os.PathLike) -> Path:
         """The transformer in the checkpoint's layout (`transformer/`): pass it to
         `Pipeline.from_pretrained(base, transformer=TransformerClass.from_pretrained(dir))`."""
         path = Path(directory) / "transformer"
         self.transformer.save_pretrained(path)
         return path
 
+    def load_adapter(self, path: str | os.PathLike, adapter) -> None:
+        """A LoRA export into the recipe's adapter (rank, alpha and targets must match), or a full-finetune
+        export's transformer weights into the transformer."""
+        path = Path(path)
+        if isinstance(adapter, LoRA):
+            file = next((f for f in (path / self.lora_file_name(), path) if f.is_file()), None)
+            if file is None:
+                raise FileNotFoundError(f"adapter_path={str(path)!r} has no {self.lora_file_name()}: pass the "
+                                        f"export folder of a LoRA run of this recipe (run_dir/export).")
+            self.load_lora_file(file, adapter.adapter_name)
+        else:
+            from diffusers.models.model_loading_utils import load_state_dict
+
+            weights = path / "transformer" / "diffusion_pytorch_model.safetensors"
+            if not weights.is_file():
+                raise FileNotFoundError(f"adapter_path={str(path)!r} has no {weights.relative_to(path)}: pass the "
+                                        f"export folder of a full-finetune run (adapter=full) of this recipe.")
+            result = self.transformer.load_state_dict(load_state_dict(str(weights)), strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise ValueError(f"{weights} does not fit this transformer ({len(result.missing_keys)} missing, "
+                                 f"{len(result.unexpected_keys)} unexpected tensors): it was exported from another "
+                                 f"model.")
+
+    def lora_file_name(self) -> str:
+        return LORA_FILE
+
+    def load_lora_file(self, file: Path, adapter_name: str) -> None:
+        """A safetensors LoRA with `transformer.`-prefixed peft keys and `lora_adapter_metadata`."""
+        from peft.utils import set_peft_model_state_dict
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+            metadata = {k.removeprefix("transformer."): v for k, v in header.items()}  # diffusers prefixes them
+            state = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()}
+        current = self.transformer.peft_config[adapter_name]
+        differ = [f"{option}={metadata[name]}" for name, option in
+                  (("r", "adapter.rank"), ("lora_alpha", "adapter.alpha"), ("target_modules", "adapter.target_modules"))
+                  if name in metadata and _normal(metadata[name]) != _normal(getattr(current, name))]
+        if differ:
+            raise ValueError(f"the LoRA in {file} was trained with other settings; pass {' '.join(differ)}.")
+        result = set_peft_model_state_dict(self.transformer, state, adapter_name=adapter_name)
+        if result.unexpected_keys:
+            raise ValueError(f"{file}: {len(result.unexpected_keys)} tensors fit no module, e.g. "
+                             f"{result.unexpected_keys[0]}; it was exported from another model.")
+
+    # -- validation samples -----------------------------------------------------------------------
     @torch.no_grad()
-    def generate_images(self, prompts: list[str], seed: int, **pipe_kwargs) -> list[Sample]:
-        """One image per prompt at `self.height` x `self.width`; prompt i uses seed + i."""
-        samples = []
-        for i, prompt in enumerate(prompts):
-            generator = torch.Generator(device="cpu").manual_seed(seed + i)
-            image = self.pipe(prompt, height=self.height, width=self.width,
-                              max_sequence_length=self.max_sequence_length, generator=generator,
-                              **pipe_kwargs).images[0]
-            samples.append(Sample("image", image, prompt))
-        return samples
+    def generate(self, requests: list[GenerationRequest], seed: int, **kwargs) -> list[Sample]:
+        """One sample per request with the pipeline; request i draws from a CPU generator seeded seed + i."""
+        return [self.generate_one(request, torch.Generator(device="cpu").manual_seed(seed + i), **kwargs)
+                for i, request in enumerate(requests)]
+
+    def generate_one(self, request: GenerationRequest, generator: torch.Generator, **kwargs) -> Sample:
+        raise NotImplementedError
+
+    def generate_image(self, request: GenerationRequest, generator: torch.Generator,
+                       num_inference_steps: int = 50, guidance_scale: float = 5.0) -> Sample:
+        """An image at `self.height` x `self.width` (text-to-image families)."""
+        image = self.pipe(request.prompt, height=self.height, width=self.width,
+                          max_sequence_length=self.max_sequence_length, generator=generator,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale).images[0]
+        return Sample("image", image, request.prompt)
+
+
+def _normal(value):
+    if isinstance(value, (list, tuple, set)):
+        return sorted(value)
+    return value

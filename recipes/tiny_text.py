@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -28,8 +27,8 @@ def _t5_tokenizer():
                        extra_ids=0)
 
 
-def save_tiny_t5(root: Path, d_model: int = 32, seed: int = 0) -> None:
-    """`text_encoder/` (T5EncoderModel) and `tokenizer/` as in THUDM/CogVideoX-2b, tiny."""
+def tiny_t5(d_model: int = 32, seed: int = 0) -> dict:
+    """`text_encoder` (T5EncoderModel) and `tokenizer` as in THUDM/CogVideoX-2b, tiny."""
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = _t5_tokenizer()
@@ -37,8 +36,7 @@ def save_tiny_t5(root: Path, d_model: int = 32, seed: int = 0) -> None:
     config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
                       num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
                       feed_forward_proj="gated-gelu", is_encoder_decoder=False)
-    T5EncoderModel(config).eval().save_pretrained(root / "text_encoder")
-    tokenizer.save_pretrained(root / "tokenizer")
+    return {"text_encoder": T5EncoderModel(config).eval(), "tokenizer": tokenizer}
 
 
 # -- GLM-4 (CogView4's text encoder) -----------------------------------------------------------------
@@ -75,8 +73,8 @@ def glm_tokenizer():
                                    padding_side="left", model_max_length=1024)
 
 
-def save_tiny_glm(root: Path, hidden_size: int = 32, seed: int = 0) -> None:
-    """`text_encoder/` (transformers `GlmModel`) and `tokenizer/` as in THUDM/CogView4-6B, tiny."""
+def tiny_glm(hidden_size: int = 32, seed: int = 0) -> dict:
+    """`text_encoder` (transformers `GlmModel`) and `tokenizer` as in THUDM/CogView4-6B, tiny."""
     from transformers import GlmConfig, GlmModel
 
     tokenizer = glm_tokenizer()
@@ -85,5 +83,4 @@ def save_tiny_glm(root: Path, hidden_size: int = 32, seed: int = 0) -> None:
                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4,
                        max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
                        eos_token_id=tokenizer.eos_token_id, attention_dropout=0.0)
-    GlmModel(config).eval().save_pretrained(root / "text_encoder")
-    tokenizer.save_pretrained(root / "tokenizer")
+    return {"text_encoder": GlmModel(config).eval(), "tokenizer": tokenizer}

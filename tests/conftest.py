@@ -53,18 +53,13 @@ def tiny_cogvlm(cache_dir) -> str:
     return resolve_pretrained("tiny", family="cogvlm", build_tiny=save_tiny_cogvlm, marker="config.json")
 
 
-def run_steps(module, batch: dict, steps: int = 4) -> list[float]:
-    """`steps` optimizer steps of a FinetuneModule on one fixed batch (the golden-loss loop)."""
-    optimizer = module.optimizer_factory([p for p in module.parameters() if p.requires_grad])
-    torch.manual_seed(1234)
-    losses = []
-    for _ in range(steps):
-        loss = module.family.training_loss(module.encode(batch))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+def perturb_trainable(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> None:
+    """Move every trainable weight by seeded noise, as training would (a fresh LoRA's B is zero, so an export
+    test of an untrained adapter could not tell a lost update from a kept one)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in (p for p in module.parameters() if p.requires_grad):
+            param += scale * torch.randn(param.shape, generator=generator).to(param)
 
 
 def compose(overrides: list[str]):

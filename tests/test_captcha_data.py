@@ -102,9 +102,12 @@ def test_generated_captchas_are_deterministic():
 
 
 def test_batches_mask_all_but_label_and_eos(folder, tiny_cogvlm):
-    data = CaptchaDataModule(root=str(folder), model_path=tiny_cogvlm, batch_size=4, eval_batch_size=3, num_workers=0)
+    from recipes.cogvlm.family import CogVLM
+
+    data = CaptchaDataModule(root=str(folder), batch_size=4, eval_batch_size=3, num_workers=0)
+    data.connect(CogVLM.data_processor(path=tiny_cogvlm))  # as the engine connects them: no weights loaded
     data.setup()
-    tokenizer = data.encoder.tokenizer
+    tokenizer = data.processor.tokenizer
     train = next(iter(data.train_dataloader()))
     assert train["images"].shape == (4, 3, 28, 28) and len(train["key"]) == 4
     for row, labels, label in zip(train["input_ids"], train["labels"], train["label"]):

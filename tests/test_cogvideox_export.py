@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import run_steps
+from conftest import perturb_trainable
 from safetensors import safe_open
-from test_cogvideox_objective import fixed_batch, tiny_family
+from test_cogvideox_objective import tiny_family
 
 from finetune.adapters import LoRA
 from finetune.module import FinetuneModule
@@ -21,9 +21,9 @@ def trained(tiny_cogvideox, tmp_path_factory):
     # rank != alpha: a loader that ignored the metadata would scale the update by 1 instead of 8/4.
     module = FinetuneModule(tiny_family(), LoRA(rank=4, alpha=8, init_lora_weights="gaussian"),
                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
-    run_steps(module, fixed_batch(), 3)
+    perturb_trainable(module)
     out = tmp_path_factory.mktemp("lora")
-    path = module.family.save_lora(out)
+    path = module.family.export(out, module.adapter)
     return module, out, path
 
 
@@ -80,3 +80,32 @@ def test_lora_changes_the_pipeline_output(trained, tiny_cogvideox):
     after = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
     assert abs(before - again).max() == 0  # the comparison is deterministic
     assert abs(before - after).max() > 1e-3
+
+
+def test_load_adapter_starts_from_the_export(trained):
+    """`adapter_path=DIR`: the export loads back into a fresh run's adapter, with the trained outputs."""
+    module, out, _ = trained
+    inputs = transformer_inputs(module.family)
+    fresh = FinetuneModule(tiny_family(), LoRA(rank=4, alpha=8), optimizer=lambda p: torch.optim.AdamW(p))
+    fresh.family.load_adapter(out, fresh.adapter)
+    module.family.eval(), fresh.family.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.family.transformer(**inputs)[0], module.family.transformer(**inputs)[0])
+    other = FinetuneModule(tiny_family(), LoRA(rank=2, alpha=8), optimizer=lambda p: torch.optim.AdamW(p))
+    with pytest.raises(ValueError, match="trained with other settings; pass adapter.rank=4"):
+        other.family.load_adapter(out, other.adapter)
+
+
+def test_full_export_loads_back(tiny_cogvideox, tmp_path):
+    from finetune.adapters import Full
+
+    module = FinetuneModule(tiny_family(), Full(modules=["transformer_blocks.1."]),
+                            optimizer=lambda p: torch.optim.AdamW(p))
+    perturb_trainable(module)
+    path = module.family.export(tmp_path, module.adapter)
+    assert path == tmp_path / "transformer"
+    fresh = FinetuneModule(tiny_family(), Full(), optimizer=lambda p: torch.optim.AdamW(p))
+    fresh.family.load_adapter(tmp_path, fresh.adapter)
+    inputs = transformer_inputs(module.family)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.family.transformer(**inputs)[0], module.family.transformer(**inputs)[0])

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
-from conftest import run_steps
 
 from finetune.adapters import LoRA
 from finetune.module import FinetuneModule
@@ -82,20 +80,6 @@ def test_rotary_embeddings_equal_the_slice_grid_at_native_size(tiny_cogvideox):
                                                temporal_size=3, grid_type="slice", max_size=grid)
     torch.testing.assert_close(cos, ref_cos)
     torch.testing.assert_close(sin, ref_sin)
-
-
-# Golden losses: tiny CogVideoX, LoRA r=4 alpha=8, fixed batch and seed, fp32 CPU, AdamW lr 1e-3.
-# A change here changes the objective: explain it in the commit.
-GOLDEN_LORA = [1.8592395782470703, 1.8350082635879517, 1.936450481414795, 1.630571961402893]
-
-
-def test_golden_losses_lora(tiny_cogvideox):
-    torch.manual_seed(0)
-    module = FinetuneModule(tiny_family(), LoRA(rank=4, alpha=8, init_lora_weights="gaussian"),
-                            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-    losses = run_steps(module, fixed_batch(), 4)
-    assert all(math.isfinite(x) for x in losses)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(GOLDEN_LORA), rtol=1e-4, atol=1e-5)
 
 
 def test_only_lora_is_trainable_and_frozen_parts_stay_in_eval(tiny_cogvideox):

@@ -32,6 +32,9 @@ def test_encoded_cache_skips_the_encoders_and_keeps_the_loss(tiny_cogvideox, tmp
                            cache_dir=str(tmp_path))
     other.family.height = 48
     assert other.family.cache_namespace() != module.family.cache_namespace()
+    # and so is another dtype: fp16 latents are not reused by a bf16 run
+    other.family.height, other.family.dtype_name = module.family.height, "bf16"
+    assert other.family.cache_namespace() != module.family.cache_namespace()
 
 
 @pytest.mark.parametrize("name", ["constant", "cosine"])
@@ -95,3 +98,11 @@ def test_image_samples_are_saved_and_logged_to_wandb(tmp_path, monkeypatch):
     logger.experiment.finish()
     logged = list(tmp_path.glob("wandb/offline-run-*/files/media/images/val/samples_*.png"))
     assert len(logged) == 2
+
+
+def test_validation_requests_carry_conditioning_media():
+    from finetune.callbacks import generation_requests
+    from finetune.family import GenerationRequest
+
+    assert generation_requests(["a cat", {"prompt": "a dog runs", "image": "first_frame.png"}]) == [
+        GenerationRequest("a cat"), GenerationRequest("a dog runs", image="first_frame.png")]

@@ -14,8 +14,16 @@ from PIL import Image
 from datamodules.buckets import BucketBatchSampler, make_buckets, nearest_bucket
 from datamodules.images import ImageDataModule
 from datamodules.textfiles import DataError
+from finetune.data import ImageSpec, Processor
 
-TINY = dict(bucket_pixels=4096, min_side=32, max_side=64, max_pixels=4096)
+TINY = ImageSpec(pixels=4096, min_side=32, max_side=64, multiple=32, max_pixels=4096)
+
+
+def image_data(root: str, spec: ImageSpec = TINY, **kw) -> ImageDataModule:
+    """The data module connected as the engine connects it, to a family's processor (tiny buckets)."""
+    data = ImageDataModule(root=root, **kw)
+    data.connect(Processor(spec))
+    return data
 
 
 def write_folder(root, sizes=((40, 80), (80, 40), (60, 60)), captions=None, metadata="jsonl"):
@@ -34,15 +42,22 @@ def write_folder(root, sizes=((40, 80), (80, 40), (60, 60)), captions=None, meta
     return root
 
 
+def cogview4_buckets(**change) -> list[tuple[int, int]]:
+    from recipes.cogview4 import CogView4
+
+    spec = CogView4.data_processor(**change).spec  # the family's limits, no weights loaded
+    return make_buckets(spec.pixels, spec.min_side, spec.max_side, spec.multiple, spec.max_pixels)
+
+
 def test_buckets_respect_cogview4_limits():
-    buckets = make_buckets()
+    buckets = cogview4_buckets()
     assert (1024, 1024) in buckets and (512, 2048) in buckets and (2048, 512) in buckets
     for h, w in buckets:
         assert h % 32 == 0 and w % 32 == 0 and 512 <= min(h, w) and max(h, w) <= 2048 and h * w <= 2**21
         assert h * w > 0.9 * 1024 * 1024  # all about the target area
-    assert make_buckets(**{"target_pixels": 4096, "min_side": 32, "max_side": 64}) == [(32, 64), (64, 64), (64, 32)]
-    with pytest.raises(DataError, match="2\\^21"):
-        make_buckets(target_pixels=2048 * 2048)
+    assert make_buckets(4096, min_side=32, max_side=64, multiple=32, max_pixels=2**21) == [(32, 64), (64, 64), (64, 32)]
+    with pytest.raises(DataError, match="model.bucket_pixels=4194304 must lie between.*model.max_pixels=2097152"):
+        cogview4_buckets(bucket_pixels=2048 * 2048)
     assert nearest_bucket(720, 1280, buckets) == min(buckets, key=lambda b: abs(b[0] / b[1] - 720 / 1280))
     assert nearest_bucket(1000, 1000, buckets) == (1024, 1024)
     assert nearest_bucket(100, 1000, buckets) == (512, 2048)  # beyond the extreme ratio: the extreme bucket
@@ -80,7 +95,7 @@ def test_sampler_resumes_mid_epoch_and_across_epochs():
 
 
 def test_demo_batches_through_the_stateful_loader_resume_exactly(cache_dir):
-    data = ImageDataModule(root="demo", batch_size=2, seed=5, demo_count=12, **TINY)
+    data = image_data("demo", batch_size=2, seed=5, demo_count=12)
     data.setup()
     batches = list(data.train_dataloader())
     assert len(batches) == 6
@@ -97,7 +112,7 @@ def test_demo_batches_through_the_stateful_loader_resume_exactly(cache_dir):
     it = iter(loader)
     head = [next(it)["key"] for _ in range(2)]
     state = loader.state_dict()
-    fresh = ImageDataModule(root="demo", batch_size=2, seed=5, demo_count=12, **TINY)
+    fresh = image_data("demo", batch_size=2, seed=5, demo_count=12)
     fresh.setup()
     resumed = fresh.train_dataloader()
     resumed.load_state_dict(state)
@@ -107,7 +122,7 @@ def test_demo_batches_through_the_stateful_loader_resume_exactly(cache_dir):
 @pytest.mark.parametrize("metadata", ["jsonl", "csv"])
 def test_image_folder_layouts(tmp_path, metadata):
     root = write_folder(tmp_path / "data", metadata=metadata)
-    data = ImageDataModule(root=str(root), batch_size=1, **TINY)
+    data = image_data(str(root), batch_size=1)
     table = data.check()
     assert table["prompt"] == ["caption 0 图片", "caption 1 图片", "caption 2 图片"]
     assert table["bucket"] == [(32, 64), (64, 32), (64, 64)]
@@ -123,13 +138,13 @@ def test_hf_datasets_saved_to_disk_and_parquet_with_custom_columns(tmp_path):
     ds.save_to_disk(str(tmp_path / "saved"))
     ds.to_parquet(str(tmp_path / "data.parquet"))  # embeds the image bytes
     for root in (tmp_path / "saved", tmp_path / "data.parquet"):
-        data = ImageDataModule(root=str(root), image_column="picture", caption_column="描述", batch_size=2, **TINY)
+        data = image_data(str(root), image_column="picture", caption_column="描述", batch_size=2)
         assert data.check()["prompt"] == ["一", "二", "三"]
         data.setup()
         batches = list(data.train_dataloader())
         assert sorted(p for b in batches for p in b["prompt"]) == ["一", "三", "二"]
     with pytest.raises(DataError, match=r"caption_column='caption'.*\['picture', '描述', 'other'\]"):
-        ImageDataModule(root=str(tmp_path / "saved"), image_column="picture", caption_column="caption").check()
+        image_data(str(tmp_path / "saved"), image_column="picture", caption_column="caption").check()
 
 
 def test_undecodable_caption_file_names_the_line(tmp_path):
@@ -138,7 +153,7 @@ def test_undecodable_caption_file_names_the_line(tmp_path):
     bad = '{"file_name": "1.png", "text": "中文标题"}'.encode("gbk")
     (root / "metadata.jsonl").write_bytes(b"\n".join([good[0], bad, good[2]]) + b"\n")
     with pytest.raises(DataError, match=r"metadata.jsonl, line 2: not valid UTF-8.*iconv"):
-        ImageDataModule(root=str(root), **TINY).check()
+        image_data(str(root)).check()
 
 
 @pytest.mark.parametrize("problem, message", [
@@ -159,28 +174,28 @@ def test_bad_entries_are_reported_by_name_before_training(tmp_path, problem, mes
         lines[0] = json.dumps({"file_name": "0.png", "label": "x"})
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=message):
-        ImageDataModule(root=str(root), **TINY).check()
+        image_data(str(root)).check()
 
 
 def test_keys_change_with_the_file_the_caption_and_the_bucket(tmp_path):
     root = write_folder(tmp_path / "data")
-    keys = ImageDataModule(root=str(root), **TINY).check()["key"]
+    keys = image_data(str(root)).check()["key"]
     assert len(set(keys)) == 3
     metadata = root / "metadata.jsonl"
     metadata.write_text(metadata.read_text(encoding="utf-8").replace("caption 1", "changed"), encoding="utf-8")
     Image.new("RGB", (80, 40), (1, 2, 3)).save(root / "0.png")  # same size, new pixels (and mtime)
-    changed = ImageDataModule(root=str(root), **TINY).check()["key"]
+    changed = image_data(str(root)).check()["key"]
     assert changed[0] != keys[0] and changed[1] != keys[1] and changed[2] == keys[2]
-    rebucketed = ImageDataModule(root=str(root), bucket_pixels=2048, min_side=32, max_side=64, max_pixels=4096)
+    rebucketed = image_data(str(root), ImageSpec(pixels=2048, min_side=32, max_side=64, multiple=32, max_pixels=4096))
     assert rebucketed.check()["key"][2] != changed[2]  # 60x60 goes to another bucket: another latent size
 
 
 def test_missing_root_says_what_to_do(tmp_path):
     with pytest.raises(DataError, match="no such file or directory"):
-        ImageDataModule(root=str(tmp_path / "nowhere")).check()
+        image_data(str(tmp_path / "nowhere")).check()
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="metadata.jsonl.*data.root=demo"):
-        ImageDataModule(root=str(tmp_path / "empty")).check()
+        image_data(str(tmp_path / "empty")).check()
 
 
 def test_sampler_reads_rank_and_world_size_from_torch_distributed(monkeypatch):

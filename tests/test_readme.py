@@ -99,8 +99,9 @@ def test_load_lora_snippet(tiny_cogvideox, tmp_path):
     from recipes.cogvideox import CogVideoX
 
     family = CogVideoX(path="tiny", dtype="fp32", height=32, width=32, num_frames=9, max_sequence_length=16)
-    LoRA(rank=4, alpha=2).apply(family.transformer, family.lora_target_modules)
-    family.save_lora(tmp_path)
+    adapter = LoRA(rank=4, alpha=2)
+    adapter.apply(family.transformer, family.lora_target_modules)
+    family.export(tmp_path, adapter)
     snippet = block_after("load-lora")
     snippet = snippet.replace('"THUDM/CogVideoX-2b"', repr(tiny_cogvideox)).replace(
         '"outputs/cogvideox_lora/RUN/export"', repr(str(tmp_path))).replace("torch.float16", "torch.float32")
@@ -118,9 +119,10 @@ def cogvlm_export(tiny_cogvlm, tmp_path_factory):
     from recipes.cogvlm.family import CogVLM
 
     family = CogVLM(path=tiny_cogvlm, dtype="fp32")
-    LoRA(rank=4, alpha=8, init_lora_weights="gaussian").apply(family.trainable_module(), family.lora_target_modules)
+    adapter = LoRA(rank=4, alpha=8, init_lora_weights="gaussian")
+    adapter.apply(family.trainable_module(), family.lora_target_modules)
     out = tmp_path_factory.mktemp("cogvlm_export")
-    family.save_lora(out)
+    family.export(out, adapter)
     return out
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, compose
 from hydra.utils import instantiate
 
-from finetune.run import build, build_module, train
+from finetune.run import build, build_data, build_module, train
 
 RECIPES = sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml"))
 
@@ -20,8 +20,7 @@ def test_every_recipe_composes_and_instantiates(recipe):
     real = compose([f"recipe={recipe}"])
     assert real.model.path != "tiny" and real.name == recipe
     cfg = compose([f"recipe={recipe}", "preset=tiny"])
-    datamodule = instantiate(cfg.data)
-    datamodule.check()
+    build_data(cfg)  # the data module connected to the family's processor, checked before the model loads
     module = build_module(cfg)
     assert any(p.requires_grad for p in module.parameters())
     for callback in cfg.callbacks.values():

@@ -8,7 +8,9 @@ import pytest
 from datamodules.demo_videos import render, write_demo_videos
 from datamodules.textfiles import DataError
 from datamodules.video import VideoDataModule, frame_indices, resize_crop
-from datamodules.video_io import count_frames, write_video
+from datamodules.video_io import count_frames
+from finetune.data import ImageSpec, Processor, VideoSpec
+from finetune.media import write_video
 
 
 @pytest.fixture()
@@ -17,8 +19,10 @@ def dataset(tmp_path):
 
 
 def module(root, **kw) -> VideoDataModule:
-    return VideoDataModule(root=str(root), height=kw.pop("height", 32), width=kw.pop("width", 32),
-                           num_frames=kw.pop("num_frames", 9), **kw)
+    """The data module connected as the engine connects it, to a family's processor (32x32, 9 frames)."""
+    dm = VideoDataModule(root=str(root), **kw)
+    dm.connect(Processor(VideoSpec(height=32, width=32, num_frames=9)))
+    return dm
 
 
 def test_demo_dataset_layout_and_batches(dataset):
@@ -80,17 +84,26 @@ def test_too_short_video_says_how_many_frames(tmp_path):
     write_video(root / "v.mp4", np.zeros((5, 32, 32, 3), dtype=np.uint8))
     (root / "prompts.txt").write_text("a clip\n")
     (root / "videos.txt").write_text("v.mp4\n")
-    with pytest.raises(DataError, match=r"v.mp4: has 5 frames but num_frames=9"):
+    with pytest.raises(DataError, match=r"v.mp4: has 5 frames but model.num_frames=9"):
         module(root).check()
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"num_frames": 10}, r"num_frames=10 is not 8N\+1.*Use 9 or 17"),
-    ({"height": 40}, r"height=40 is not a multiple of 16.*Use 32 or 48"),
+    ({"num_frames": 10}, r"model.num_frames=10 is not 8N\+1.*Use 9 or 17"),
+    ({"height": 40}, r"model.height=40 is not a multiple of 16.*Use 32 or 48"),
 ])
-def test_unsupported_sizes(dataset, kw, message):
+def test_unsupported_sizes_are_the_familys_rule_checked_before_loading(tiny_cogvideox, kw, message):
+    from recipes.cogvideox import CogVideoX
+
+    settings = {"path": tiny_cogvideox, "height": 32, "width": 32, "num_frames": 9, **kw}
     with pytest.raises(DataError, match=message):
-        module(dataset, **kw).check()
+        CogVideoX.data_processor(**settings)
+
+
+def test_a_processor_of_the_wrong_kind_is_refused(dataset):
+    dm = VideoDataModule(root=str(dataset))
+    with pytest.raises(DataError, match="needs a model family that describes its data as VideoSpec.*ImageSpec"):
+        dm.connect(Processor(ImageSpec(pixels=4096, min_side=32, max_side=64, multiple=32, max_pixels=4096)))
 
 
 def test_non_utf8_caption_names_the_line(dataset):

@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune.adapters import merged_state_dict
-from finetune.family import ModelFamily, parse_dtype
+from finetune.adapters import LoRA, merged_state_dict
+from finetune.family import Evaluation, ModelFamily, parse_dtype
 from finetune.hub import resolve_pretrained
 
+from .configuration_cogvlm import CogVLMConfig
 from .modeling_cogvlm import CogVLMForCausalLM
+from .prompting import CogVLMProcessor
 from .tiny import save_tiny_cogvlm
 
 # Names for `model.lora_targets` -> peft target names (a module matches when its qualified name ends with one).
@@ -49,8 +51,6 @@ def load_tokenizer(model_dir: str | os.PathLike, tokenizer_path: str | None = "l
     """The tokenizer in the model folder when it has one (the tiny model, merged exports), else `tokenizer_path`:
     the THUDM/cogvlm-*-hf repositories ship none and use lmsys/vicuna-7b-v1.5's."""
     from transformers import AutoTokenizer
-
-    from .configuration_cogvlm import CogVLMConfig
 
     local = any((Path(model_dir) / f).exists() for f in TOKENIZER_FILES)
     try:
@@ -89,19 +89,30 @@ class CogVLM(ModelFamily):
         lora_targets: what LoRA adapts, by name (`LORA_TARGETS`); the official recipe: language expert attention
             and ViT attention. Used when `adapter.target_modules` is null.
         max_new_tokens: greedy decoding budget in evaluation (captcha labels: 4-6 characters + EOS).
+        prompt: the query put after the image; the answer to learn is the sample's label ("CAPTCHA:" officially).
+        template_version: base, chat or vqa; null takes the checkpoint's (base for cogvlm-base-490-hf).
     """
 
     def __init__(self, path: str = "THUDM/cogvlm-base-490-hf", tokenizer_path: str = "lmsys/vicuna-7b-v1.5",
                  dtype: str = "bf16", lora_targets: list[str] = ("language_expert_attention", "vit_attention"),
-                 max_new_tokens: int = 10):
+                 max_new_tokens: int = 10, prompt: str = "CAPTCHA:", template_version: str | None = None):
         super().__init__()
         self.lora_target_modules = lora_target_modules(lora_targets)
         self.path, self.max_new_tokens, self.weight_dtype = path, max_new_tokens, parse_dtype(dtype)
-        self.local_path = resolve_pretrained(path, family="cogvlm", build_tiny=save_tiny_cogvlm, marker="config.json")
-        self.tokenizer = load_tokenizer(self.local_path, tokenizer_path)
+        self.processor = self.data_processor(path=path, tokenizer_path=tokenizer_path, prompt=prompt,
+                                             template_version=template_version)
+        self.local_path, self.tokenizer = self.processor.model_dir, self.processor.tokenizer
         self.model = CogVLMForCausalLM.from_pretrained(self.local_path, dtype=self.weight_dtype)
         self.model.requires_grad_(False)
-        self._predictions: list[dict] = []
+
+    @classmethod
+    def data_processor(cls, path: str = "THUDM/cogvlm-base-490-hf", tokenizer_path: str = "lmsys/vicuna-7b-v1.5",
+                       prompt: str = "CAPTCHA:", template_version: str | None = None, **_) -> CogVLMProcessor:
+        """The tokenizer, template and image size of the checkpoint (config and tokenizer only, no weights)."""
+        local = resolve_pretrained(path, family="cogvlm", build_tiny=save_tiny_cogvlm, marker="config.json")
+        config = CogVLMConfig.from_pretrained(local)
+        return CogVLMProcessor(load_tokenizer(local, tokenizer_path), prompt, template_version or config.template_version,
+                               config.vision_config["image_size"], config.num_image_tokens, model_dir=local)
 
     def trainable_module(self) -> nn.Module:
         return self.model
@@ -123,19 +134,18 @@ class CogVLM(ModelFamily):
         return decode_answers(self.tokenizer, new_tokens)
 
     @torch.no_grad()
-    def evaluate(self, batch: dict) -> dict[str, float]:
-        """`loss` on the labelled batch, then greedy decoding of the prompts: `acc`, `acc_w/o_case`."""
+    def evaluate(self, batch: dict) -> Evaluation:
+        """`loss` on the labelled batch, then greedy decoding of the prompts: `acc`, `acc_w/o_case`, and a row
+        per sample (key, label, prediction, scores)."""
         loss = self.training_loss(batch)
         predictions = self.predict(batch["prompt_input_ids"], batch["images"], batch["prompt_token_type_ids"],
                                    batch["prompt_attention_mask"])
         scores = exact_match(predictions, batch["label"])
-        self._predictions = [{"key": key, "label": label, "prediction": prediction,
-                              **{name: values[i] for name, values in scores.items()}}
-                             for i, (key, label, prediction) in enumerate(zip(batch["key"], batch["label"], predictions))]
-        return {"loss": float(loss), **{name: sum(v) / len(v) for name, v in scores.items()}}
-
-    def last_predictions(self) -> list[dict]:
-        return self._predictions
+        rows = [{"key": key, "label": label, "prediction": prediction,
+                 **{name: values[i] for name, values in scores.items()}}
+                for i, (key, label, prediction) in enumerate(zip(batch["key"], batch["label"], predictions))]
+        return Evaluation(metrics={"loss": float(loss), **{name: sum(v) / len(v) for name, v in scores.items()}},
+                          rows=rows)
 
     def enable_gradient_checkpointing(self) -> None:
         # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias).
@@ -143,7 +153,14 @@ class CogVLM(ModelFamily):
         enable()
 
     # -- export -----------------------------------------------------------------------------------
-    def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    def export(self, directory: str | os.PathLike, adapter) -> Path:
+        """LoRA: a PEFT adapter folder (`write_peft_adapter`); full finetune: the whole model in the checkpoint's
+        layout (`write_merged_model`)."""
+        if isinstance(adapter, LoRA):
+            return self.write_peft_adapter(directory, adapter.adapter_name)
+        return self.write_merged_model(directory)
+
+    def write_peft_adapter(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
         """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors, keys `base_model.model.*`,
         fully trained modules included): `PeftModel.from_pretrained(CogVLMForCausalLM.from_pretrained(base), dir)`."""
         from peft.utils import get_peft_model_state_dict
@@ -160,7 +177,7 @@ class CogVLM(ModelFamily):
         config.save_pretrained(str(directory))
         return directory
 
-    def save_full(self, directory: str | os.PathLike) -> Path:
+    def write_merged_model(self, directory: str | os.PathLike) -> Path:
         """The model (LoRA merged, trained modules in place) in the checkpoint's layout and key names: sharded
         safetensors + index, config.json and the tokenizer, so `from_pretrained(dir)` needs nothing else."""
         from huggingface_hub import save_torch_state_dict
@@ -175,17 +192,26 @@ class CogVLM(ModelFamily):
         self.tokenizer.save_pretrained(directory)
         return directory
 
-    def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default") -> None:
-        """Load a `save_lora` folder into the adapter the recipe added (same rank, alpha, targets), or inject it
-        when the model has none."""
+    def load_adapter(self, path: str | os.PathLike, adapter) -> None:
+        """Load an export: a PEFT folder into the adapter the recipe added (same rank, alpha, targets; injected
+        when the model has none), or a full-finetune export's weights into the model."""
+        path = Path(path)
+        if (path / "adapter_config.json").is_file():
+            self._load_peft_adapter(path, getattr(adapter, "adapter_name", "default"))
+        elif (path / "config.json").is_file() and not isinstance(adapter, LoRA):
+            from transformers.modeling_utils import load_sharded_checkpoint
+
+            load_sharded_checkpoint(self.model, str(path), strict=True)
+        else:
+            raise FileNotFoundError(f"adapter_path={str(path)!r} holds neither adapter_config.json (a LoRA export) "
+                                    f"nor config.json (a full-finetune export, with adapter=full): pass a run's "
+                                    f"export folder (run_dir/export).")
+
+    def _load_peft_adapter(self, path: Path, adapter_name: str) -> None:
         from peft import LoraConfig
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        path = Path(path)
-        if not (path / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"adapter_path={str(path)!r} has no adapter_config.json: pass the export folder "
-                                    f"of a LoRA run (run_dir/export).")
         current = getattr(self.model, "peft_config", {}).get(adapter_name)
         if current is None:
             self.model.load_adapter(str(path), adapter_name=adapter_name)

@@ -18,40 +18,27 @@ import torch
 from PIL import Image
 
 from finetune.family import parse_dtype
-from finetune.hub import resolve_pretrained
 
-from .family import decode_answers, load_tokenizer
+from .family import CogVLM, decode_answers
 from .modeling_cogvlm import CogVLMForCausalLM
-from .prompting import (
-    build_conversation_input_ids,
-    collate_left_padded,
-    preprocess_image,
-)
-from .tiny import save_tiny_cogvlm
+from .prompting import CogVLMProcessor
 
 
-def load_model(model: str, adapter: str | None = None, dtype: str = "fp32", device: str = "cpu"):
-    local = resolve_pretrained(model, family="cogvlm", build_tiny=save_tiny_cogvlm, marker="config.json")
-    network = CogVLMForCausalLM.from_pretrained(local, dtype=parse_dtype(dtype))
+def load_model(model_dir: str, adapter: str | None = None, dtype: str = "fp32", device: str = "cpu"):
+    network = CogVLMForCausalLM.from_pretrained(model_dir, dtype=parse_dtype(dtype))
     if adapter:
         from peft import PeftModel
 
         network = PeftModel.from_pretrained(network, adapter).merge_and_unload()
-    return local, network.to(device).eval()
+    return network.to(device).eval()
 
 
 @torch.no_grad()
-def predict(network, tokenizer, images: list[Image.Image], prompt: str = "CAPTCHA:",
-            template_version: str | None = None, max_new_tokens: int = 10) -> list[str]:
-    config = network.config
-    samples = []
-    for image in images:
-        sample = build_conversation_input_ids(tokenizer, prompt, images=1, image_token_count=config.num_image_tokens,
-                                              template_version=template_version or config.template_version)
-        sample["images"] = preprocess_image(image, config.vision_config["image_size"])
-        samples.append(sample)
-    batch = {k: v.to(network.device) for k, v in collate_left_padded(samples, tokenizer.pad_token_id).items()}
+def predict(network, processor: CogVLMProcessor, images: list[Image.Image], max_new_tokens: int = 10) -> list[str]:
+    """Greedy answers to the processor's prompt about each image, as the recipe's evaluation decodes."""
+    batch = {k: v.to(network.device) for k, v in processor.prompt_batch(images).items()}
     dtype = next(network.parameters()).dtype
+    tokenizer = processor.tokenizer
     new_tokens = network.greedy_generate(batch["input_ids"], images=batch["images"].to(dtype),
                                          token_type_ids=batch["token_type_ids"], attention_mask=batch["attention_mask"],
                                          max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
@@ -75,8 +62,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
     missing = [path for path in args.images if not Path(path).is_file()]
     if missing:
         parser.error(f"no such image file: {', '.join(missing)}")
-    local, network = load_model(args.model, args.adapter, args.dtype, args.device)
-    tokenizer = load_tokenizer(local, args.tokenizer)
+    processor = CogVLM.data_processor(path=args.model, tokenizer_path=args.tokenizer, prompt=args.prompt,
+                                      template_version=args.template)
+    network = load_model(processor.model_dir, args.adapter, args.dtype, args.device)
     results = []
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start: start + args.batch_size]
@@ -84,7 +72,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
         for path in paths:
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
-        answers = predict(network, tokenizer, images, args.prompt, args.template, args.max_new_tokens)
+        answers = predict(network, processor, images, args.max_new_tokens)
         for path, answer in zip(paths, answers):
             print(f"{path}\t{answer}", flush=True)
             results.append((path, answer))

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from finetune.data import Processor
+
 LANGUAGE_TOKEN_TYPE = 0
 VISION_TOKEN_TYPE = 1
 IGNORE_INDEX = -100
@@ -108,3 +110,52 @@ def preprocess_image(image: Image.Image, image_size: int) -> torch.Tensor:
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     return (pixels - mean) / std
+
+
+PROMPT_KEYS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+class CogVLMProcessor(Processor):
+    """A raw sample {image (PIL), label, key} -> a CogVLM sample: the prompt `[bos] + image placeholders +
+    tokens(query)` in the checkpoint's template, the label's tokens and EOS appended with labels -100 everywhere
+    else (loss on the label and EOS only, as the official captcha finetune), the image resized and normalised.
+    Evaluation samples (`train=False`) also carry the prompt alone (`prompt_*`, for greedy decoding) and the
+    original image as `preview` (uint8 HxWx3, for prediction tables). Batches are left-padded."""
+
+    def __init__(self, tokenizer, query: str, template_version: str, image_size: int, image_token_count: int,
+                 model_dir: str | None = None):
+        super().__init__(spec=None)
+        self.tokenizer, self.query, self.template_version = tokenizer, query, template_version
+        self.image_size, self.image_token_count, self.model_dir = image_size, image_token_count, model_dir
+
+    def prompt(self, answer: str | None = None) -> dict[str, torch.Tensor]:
+        return build_conversation_input_ids(self.tokenizer, self.query, images=1, answer=answer,
+                                            template_version=self.template_version,
+                                            image_token_count=self.image_token_count)
+
+    def __call__(self, sample: dict, train: bool = True) -> dict:
+        image = sample["image"].convert("RGB")
+        processed = self.prompt(answer=sample["label"])
+        processed["images"] = preprocess_image(image, self.image_size)
+        if not train:
+            prompt = self.prompt()
+            processed.update({f"prompt_{k}": prompt[k] for k in PROMPT_KEYS})
+            processed["preview"] = np.asarray(image)
+        return {**processed, "label": sample["label"], "key": sample["key"]}
+
+    def prompt_batch(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """The prompt alone for each image, left-padded, for decoding (inference)."""
+        samples = [{**self.prompt(), "images": preprocess_image(image.convert("RGB"), self.image_size)}
+                   for image in images]
+        return collate_left_padded(samples, self.tokenizer.pad_token_id)
+
+    def collate(self, samples: list[dict]) -> dict:
+        pad = self.tokenizer.pad_token_id
+        batch = collate_left_padded(samples, pad)
+        if "prompt_input_ids" in samples[0]:
+            prompts = [{k: s[f"prompt_{k}"] for k in PROMPT_KEYS} for s in samples]
+            batch.update({f"prompt_{k}": v for k, v in collate_left_padded(prompts, pad).items()})
+            batch["preview"] = [s["preview"] for s in samples]
+        batch["label"] = [s["label"] for s in samples]
+        batch["key"] = [s["key"] for s in samples]
+        return batch

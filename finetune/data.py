@@ -1,0 +1,92 @@
+"""What a model family asks of its data, and how the engine hands it to a data module.
+
+A data module (`datamodules/`) yields raw samples: media, a caption or label, a `key`. Everything
+model-specific about a sample -- its size and frame rules, the limits of its aspect buckets, tokenising and
+prompt templates, how samples stack into a batch -- belongs to the family, which describes it as a
+`Processor` before any weights load (`ModelFamily.data_processor`). The engine connects the two
+(`FamilyDataModule.connect`), so a data module never imports a model and a family never imports a data module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+
+
+class DataError(ValueError):
+    """Bad training data or settings, found before any expensive work starts. The message names the file or
+    option, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """Clips the family trains on: every clip is resized/cropped to `height` x `width` and `num_frames` frames
+    are sampled from it (the family has already checked these against its own frame and size rules)."""
+
+    height: int
+    width: int
+    num_frames: int
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Aspect-ratio buckets the family can train on: about `pixels` pixels each, sides multiples of `multiple`
+    in `min_side..max_side`, at most `max_pixels` pixels."""
+
+    pixels: int
+    min_side: int
+    max_side: int
+    multiple: int
+    max_pixels: int
+
+
+class Processor:
+    """A family's view of a sample. `spec` tells the data module what to produce (a `VideoSpec`, an `ImageSpec`,
+    or None when the family takes the media as it comes); `__call__` turns one raw sample into model inputs
+    (tokenising, templates, preprocessing); `collate` stacks processed samples into a batch. The defaults pass
+    a sample through and stack tensors."""
+
+    spec: Any = None
+
+    def __init__(self, spec: Any = None):
+        self.spec = spec
+
+    def __call__(self, sample: dict, train: bool = True) -> dict:
+        return sample
+
+    def collate(self, samples: list[dict]) -> dict:
+        batch = {}
+        for name in samples[0]:
+            values = [s[name] for s in samples]
+            batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+        return batch
+
+
+class FamilyDataModule(L.LightningDataModule):
+    """Base of the kit's data modules: `connect` receives the family's processor (before `check`, which
+    validates the data against it before the model loads)."""
+
+    #: the spec class this data module needs from the family (None: any)
+    spec_type: type | None = None
+
+    processor: Processor | None = None
+
+    def connect(self, processor: Processor) -> None:
+        if self.spec_type is not None and not isinstance(processor.spec, self.spec_type):
+            raise DataError(f"{type(self).__name__} needs a model family that describes its data as "
+                            f"{self.spec_type.__name__}, but this family gives {type(processor.spec).__name__}: "
+                            f"the recipe pairs a model with the wrong data module (check `data:` in the recipe).")
+        self.processor = processor
+
+    def require_processor(self) -> Processor:
+        if self.processor is None:
+            raise RuntimeError(f"{type(self).__name__}.connect(processor) must be called before check()/setup(): "
+                               f"finetune.run.build connects the family's data processor.")
+        return self.processor
+
+    def check(self):
+        """Validate every sample before the model loads; a bad file stops here, named."""
+        raise NotImplementedError

@@ -1,0 +1,63 @@
+"""Golden losses of every recipe, on the user's path: the config `train.py` composes (`recipe=X preset=tiny`),
+built by `finetune.run.build` and trained by Lightning through the module's `training_step` and
+`configure_optimizers`, with the recipe's optimizer, LR schedule (warmup included), gradient clipping, data
+order and seed. Tiny models, generated demo data, fp32 on CPU, 4 steps.
+
+A change to a value here changes what a recipe trains: say which and why in the commit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from conftest import REPO, compose
+
+from finetune.run import train
+
+RECIPES = sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml"))
+
+
+class LossRecorder(L.Callback):
+    """The loss `training_step` returned at each optimizer step."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def recipe_losses(recipe: str, run_dir, *extra: str, steps: int = 4) -> list[float]:
+    cfg = compose([f"recipe={recipe}", "preset=tiny", "logger=csv", f"run_dir={run_dir}",
+                   f"trainer.max_steps={steps}", "callbacks.samples=null", "callbacks.export=null",
+                   "callbacks.checkpoint=null", "+callbacks.golden._target_=test_golden.LossRecorder", *extra])
+    module = train(cfg)
+    (recorder,) = [c for c in module.trainer.callbacks if isinstance(c, LossRecorder)]
+    return recorder.losses
+
+
+# CogVideoX SFT has no recipe of its own yet: `adapter=full` on the LoRA recipe is its path.
+GOLDEN = {
+    "cogvideox_lora": [1.789254, 1.451634, 1.750631, 1.923148],
+    "cogvideox_lora adapter=full": [1.555340, 1.779546, 1.789141, 1.552127],
+    "cogview3plus_lora": [0.781884, 0.417691, 0.646043, 0.562185],
+    "cogview4_lora": [2.666716, 2.481849, 2.648652, 2.519934],
+    "cogview4_sft": [2.575119, 2.765093, 2.443840, 2.371419],
+    "cogvlm_captcha_lora": [4.539806, 4.360218, 4.203910, 4.063868],
+    "cogvlm_captcha_sft": [4.539806, 4.378197, 4.246512, 4.120515],
+}
+
+
+def test_every_recipe_has_a_golden():
+    assert set(RECIPES) <= {case.split()[0] for case in GOLDEN}
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN))
+def test_golden_losses(case, tmp_path):
+    recipe, *extra = case.split()
+    losses = recipe_losses(recipe, tmp_path, *extra)
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(GOLDEN[case]), rtol=1e-4, atol=1e-5)
