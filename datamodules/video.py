@@ -1,25 +1,50 @@
-"""Video-caption data in the CogVideo finetune layout, on Hugging Face `datasets`.
+"""Video-caption data for the CogVideoX recipes, on Hugging Face `datasets`, in frame-and-resolution buckets.
 
-`root/prompts.txt` and `root/videos.txt` hold one caption and one video path (relative to root) per
-line. Videos are decoded with PyAV, `num_frames` frames are sampled evenly from the clip, and each frame
-is resized (shorter side) and centre-cropped to the training resolution, then scaled to [-1, 1]. The
-resolution and frame count are the model family's (`finetune.data.VideoSpec`, handed over by the engine).
+Sources (`data.root`; datamodules/video_sources.py reads them): the CogVideo finetune layout (`prompts.txt`,
+`videos.txt`, optional `images.txt`), a folder with `metadata.jsonl`/`metadata.csv`, a Hugging Face dataset (a
+`save_to_disk` folder, parquet, or a hub name; `video_column`, `caption_column`, `image_column`), or `demo`
+(generated, datamodules/demo_videos.py).
+
+The sizes come from the model family (`finetune.data.VideoSpec`, handed over by the engine): each clip goes to
+the largest (frames, height, width) bucket it fills without upscaling (datamodules/video_buckets.py), its
+frames are sampled evenly from its start, each frame is scaled (aspect kept) to cover the bucket and
+centre-cropped, then scaled to [-1, 1]. A batch holds one bucket only. For image-to-video
+(`spec.conditioning_image`) a sample also has `image`: the file the data names for the clip, resized and
+cropped the same way, else the clip's first sampled frame. Samples: `video` [F, 3, H, W], `prompt`, `key`
+(the encoded-cache key: the file, caption, bucket and conditioning image), and `image` [3, H, W].
+
+`check()` runs before the model loads and decodes, for every clip, the frames the run will use (in a thread
+pool, with a progress bar for many clips), so a truncated or corrupt file, a missing or undecodable image, an
+empty caption or a clip that fits no bucket stops the run at once, named (`on_bad_sample=fail`), or is left
+out with a warning (`on_bad_sample=skip`).
 """
 
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from datamodules.sampling import ResumableShuffle
-from datamodules.textfiles import DataError, read_lines
-from datamodules.video_io import count_frames, read_frames
+from datamodules.textfiles import DataError
+from datamodules.video_buckets import VideoBatchSampler, bucket_volume, pick_bucket
+from datamodules.video_io import check_frames, count_frames, describe, read_frames, read_image
+from datamodules.video_sources import (ClipRow, EmbeddedFile, has_list_layout, has_metadata, read_dataset,
+                                       read_list_layout, read_metadata_layout)
 from finetune.data import FamilyDataModule, VideoSpec
 from finetune.hub import cache_root
+
+PROGRESS_FROM = 32  # clips: fewer are checked without a progress bar
+REENCODE = "Re-encode it, e.g. `ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4`, or remove it."
+
+
+class BadSampleWarning(UserWarning):
+    """A clip left out by `data.on_bad_sample=skip`."""
 
 
 def frame_indices(available: int, wanted: int) -> list[int]:
@@ -40,30 +65,77 @@ def resize_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     return (video / 127.5 - 1.0).clamp(-1.0, 1.0)
 
 
-def _file_key(path: Path, extra: str) -> str:
+def _caption(value, where: str) -> str:
+    if isinstance(value, (list, tuple)):  # several captions per clip: take the first
+        value = next((v for v in value if isinstance(v, str) and v.strip()), "")
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: empty or missing caption ({value!r}). Fill it in or remove the entry.")
+    return value.strip()
+
+
+def _origin(source) -> str:
+    """A file by path, size and mtime; embedded bytes by their hash."""
+    if isinstance(source, dict) and source.get("bytes"):
+        return "sha256:" + hashlib.sha256(source["bytes"]).hexdigest()[:32]
+    path = Path(source["path"] if isinstance(source, dict) else source)
     stat = path.stat()
-    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{hashlib.sha256(extra.encode()).hexdigest()}"
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _load(source):
+    """A row's media as video_io reads it: a path, or a dict of embedded bytes (a bare path stays a path)."""
+    if isinstance(source, EmbeddedFile):
+        source = source.load()
+    if isinstance(source, dict) and not source.get("bytes"):
+        source = source.get("path")
+    return source
+
+
+def _exists(source, where: str, what: str, fix: str) -> None:
+    if source is None or source == {}:
+        raise DataError(f"{where}: no {what} given. {fix}")
+    if isinstance(source, str) and not Path(source).is_file():
+        raise DataError(f"{where}: {what} {source} does not exist. {fix}")
 
 
 class VideoDataModule(FamilyDataModule):
     """Args:
-        root: the dataset folder, or `demo` for the generated demo set (written once to the cache).
-        prompt_file, video_file: the caption and path lists inside root.
-        batch_size: per device; videos in a batch share one resolution.
+        root: the dataset folder (CogVideo layout or metadata.jsonl/.csv), a save_to_disk folder, parquet file(s),
+            a hub dataset name, or `demo` for the generated demo set (written once to the cache).
+        prompt_file, video_file: the caption and path lists of the CogVideo layout.
+        image_file: image-to-video, CogVideo layout: one conditioning image per line (optional; without it
+            each clip starts from its first frame).
+        split, dataset_config: the split and configuration of a dataset.
+        video_column: a dataset's videos (file paths, or a `datasets.Video` feature; never decoded by datasets).
+        caption_column: the caption column (metadata or dataset); null takes the first of prompt, text, caption.
+        image_column: image-to-video: the conditioning image column; null takes `image` where there is one.
+        batch_size: per device; a batch never mixes buckets.
         num_workers: decoding processes.
-        seed: order of the shuffled samples (independent of the model's noise draws).
+        seed: the order of the batches (independent of the model's noise draws).
+        drop_last: drop each bucket's last, smaller batch.
+        on_bad_sample: `fail` stops at the first bad clip; `skip` leaves bad clips out with a warning each.
+        check_workers: threads decoding the clips in `check()`.
         demo_count: samples of the generated demo set (root=demo).
-    The resolution and frame count come from the model family (`connect`).
+    The buckets and whether samples carry a conditioning image come from the model family (`connect`).
     """
 
     spec_type = VideoSpec
+    setting_ranges = {"batch_size": ">=1", "num_workers": ">=0", "check_workers": ">=1",
+                      "demo_count": ">=1"}  # checked by finetune.validate
 
     def __init__(self, root: str, prompt_file: str = "prompts.txt", video_file: str = "videos.txt",
-                 batch_size: int = 1, num_workers: int = 0, seed: int = 0, demo_count: int = 8):
+                 image_file: str = "images.txt", split: str = "train", dataset_config: str | None = None,
+                 video_column: str = "video", caption_column: str | None = None, image_column: str | None = None,
+                 batch_size: int = 1, num_workers: int = 0, seed: int = 0, drop_last: bool = False,
+                 on_bad_sample: Literal["fail", "skip"] = "fail", check_workers: int = 8, demo_count: int = 8):
         super().__init__()
-        self.root, self.prompt_file, self.video_file = root, prompt_file, video_file
-        self.batch_size, self.num_workers, self.seed, self.demo_count = batch_size, num_workers, seed, demo_count
+        self.root, self.prompt_file, self.video_file, self.image_file = root, prompt_file, video_file, image_file
+        self.split, self.dataset_config = split, dataset_config
+        self.video_column, self.caption_column, self.image_column = video_column, caption_column, image_column
+        self.batch_size, self.num_workers, self.seed, self.drop_last = batch_size, num_workers, seed, drop_last
+        self.on_bad_sample, self.check_workers, self.demo_count = on_bad_sample, check_workers, demo_count
         self.records: list[dict] | None = None
+        self.embedded: dict[str, object] = {}  # column datasets of embedded videos/images, by "video"/"image"
 
     def dataset_root(self) -> Path:
         if self.root == "demo":
@@ -72,61 +144,183 @@ class VideoDataModule(FamilyDataModule):
             return write_demo_videos(cache_root() / "data" / f"demo_videos_{self.demo_count}", count=self.demo_count)
         return Path(self.root).expanduser()
 
+    def rows(self, with_images: bool) -> list[ClipRow]:
+        root = self.dataset_root()
+        if root.is_dir() and has_list_layout(root, self.prompt_file, self.video_file):
+            return read_list_layout(root, self.prompt_file, self.video_file, self.image_file, with_images)
+        if root.is_dir() and has_metadata(root):
+            return read_metadata_layout(root, self.caption_column, self.image_column, with_images)
+        return read_dataset(self.root, self.split, self.dataset_config, self.video_column, self.caption_column,
+                            self.image_column, with_images)
+
+    # -- check ----------------------------------------------------------------------------------
     def check(self) -> list[dict]:
-        """Validate everything that can be wrong with the data before the model is loaded."""
+        """Validate every clip (decoding the frames the run will use) before the model is loaded."""
         if self.records is not None:
             return self.records
         spec: VideoSpec = self.require_processor().spec
-        root = self.dataset_root()
-        if not root.is_dir():
-            raise DataError(f"data.root={self.root!r} is not a directory. Point it at the folder holding "
-                            f"{self.prompt_file} and {self.video_file}, or use data.root=demo.")
-        prompts = read_lines(root / self.prompt_file, "caption")
-        videos = read_lines(root / self.video_file, "video path")
-        if len(prompts) != len(videos):
-            raise DataError(f"{root / self.prompt_file} has {len(prompts)} captions but {root / self.video_file} "
-                            f"has {len(videos)} videos: line i of one must describe line i of the other.")
-        records = []
-        for line, (prompt, name) in enumerate(zip(prompts, videos), start=1):
-            path = root / name
-            if not path.is_file():
-                raise DataError(f"{root / self.video_file}, line {line}: {path} does not exist. Fix the path "
-                                f"(relative to {root}) or remove the line and its caption.")
-            try:
-                frames, _, _ = count_frames(path)
-            except Exception as err:
-                raise DataError(f"{path}: cannot be decoded ({type(err).__name__}: {err}). Re-encode it, e.g. "
-                                f"`ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4`, or remove it.") from None
-            if frames < spec.num_frames:
-                raise DataError(f"{path}: has {frames} frames but model.num_frames={spec.num_frames} are needed. "
-                                f"Use a longer clip, remove it, or lower model.num_frames to at most {frames} "
-                                f"(within the model's frame rule).")
-            records.append({"prompt": prompt, "video": str(path), "frames": frames,
-                            "key": _file_key(path, prompt)})
+        if self.on_bad_sample not in ("fail", "skip"):
+            raise DataError(f"data.on_bad_sample={self.on_bad_sample!r}: use `fail` (stop at the first bad clip) "
+                            f"or `skip` (leave bad clips out, with a warning each).")
+        buckets = [tuple(int(x) for x in b) for b in spec.buckets]
+        if not buckets:
+            raise DataError("the model family gives no (frames, height, width) bucket to train at.")
+        rows = self.rows(spec.conditioning_image)
+        for row in rows:
+            for name, source in (("video", row.video), ("image", row.image)):
+                if isinstance(source, EmbeddedFile):
+                    self.embedded[name] = source.column
+        records, skipped = [], 0
+        for row, outcome in zip(rows, self._probe_all(rows, buckets, spec.conditioning_image)):
+            if isinstance(outcome, DataError):
+                if self.on_bad_sample == "fail":
+                    raise DataError(f"{outcome} Or set data.on_bad_sample=skip to train without it.")
+                rank_zero_warn(f"data.on_bad_sample=skip, leaving out {outcome}", category=BadSampleWarning)
+                skipped += 1
+            else:
+                records.append(outcome)
+        if not records:
+            raise DataError(f"data.root={self.root!r}: none of its {len(rows)} clips is usable (each is named in a "
+                            f"warning above).")
+        if skipped:
+            rank_zero_warn(f"data.on_bad_sample=skip: left out {skipped} of {len(rows)} clips (each named above); "
+                           f"training on {len(records)}.", category=BadSampleWarning)
         self.records = records
         return records
 
+    def _probe_all(self, rows: list[ClipRow], buckets: list, with_image: bool) -> list[dict | DataError]:
+        """Each row's record or its DataError, in data order, probed in a thread pool (PyAV decodes without the
+        GIL). With on_bad_sample=fail it stops at the first bad clip: the clips not started yet are cancelled."""
+        from tqdm.auto import tqdm
+
+        def probe(row):
+            try:
+                return self._probe(row, buckets, with_image)
+            except DataError as err:
+                return err
+
+        outcomes = []
+        bar = tqdm(total=len(rows), desc="checking videos", unit="clip",
+                   disable=len(rows) < PROGRESS_FROM or rank_zero_only.rank != 0)
+        with ThreadPoolExecutor(max_workers=max(1, self.check_workers)) as pool:
+            futures = [pool.submit(probe, row) for row in rows]
+            try:
+                for future in futures:
+                    outcomes.append(future.result())
+                    bar.update()
+                    if isinstance(outcomes[-1], DataError) and self.on_bad_sample == "fail":
+                        break
+            finally:
+                for future in futures:
+                    future.cancel()
+                bar.close()
+        return outcomes
+
+    def _probe(self, row: ClipRow, buckets: list, with_image: bool) -> dict:
+        """One clip checked as the run will read it: caption, file, size and bucket, the frames it samples, and
+        its conditioning image. Returns its record; raises DataError naming what is wrong and the fix."""
+        prompt = _caption(row.prompt, row.where)
+        video = _load(row.video)
+        _exists(video, row.where, "video", "Fix the path (relative to the data folder) or remove the entry and "
+                                           "its caption.")
+        name = describe(video) if isinstance(video, str) else f"{row.where} (embedded video)"
+        try:
+            frames, height, width = count_frames(video)
+        except Exception as err:
+            raise DataError(f"{name}: cannot be decoded ({type(err).__name__}: {err}). {REENCODE}") from None
+        bucket = pick_bucket(frames, height, width, buckets)
+        if bucket is None:
+            f, h, w = min(buckets, key=bucket_volume)
+            raise DataError(f"{name}: has {frames} frames of {height}x{width} (height x width) and fits none of the "
+                            f"model's buckets without upscaling; the smallest takes {f} frames of {h}x{w}. Use a "
+                            f"clip with at least that many frames and pixels, remove it, or train the model at a "
+                            f"smaller size (the model's frame count / height / width settings).")
+        indices = frame_indices(frames, bucket[0])
+        try:
+            check_frames(video, indices)
+        except Exception as err:
+            raise DataError(f"{name}: {err}, but the run samples frames up to {indices[-1]} (its header says "
+                            f"{frames} frames): the file is truncated or corrupt. {REENCODE}") from None
+        image = _load(row.image) if with_image and row.image is not None else None
+        if image is not None:
+            _exists(image, row.image_where, "conditioning image",
+                    "Fix the path (relative to the data folder), or remove it to start the clip from its first frame.")
+            try:
+                read_image(image)
+            except Exception as err:
+                image_name = describe(image) if isinstance(image, str) else f"{row.image_where} (embedded image)"
+                raise DataError(f"{image_name}: conditioning image cannot be decoded ({type(err).__name__}: {err}). "
+                                f"Re-save it (PNG/JPEG/WebP) or remove it.") from None
+        key = [_origin(video), "x".join(map(str, bucket)), hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:32]]
+        if with_image:
+            key.append("image=" + (_origin(image) if image is not None else "first-frame"))
+        # a path is kept as such; embedded bytes are read again from their dataset row when the clip is decoded
+        return {"video": video if isinstance(video, str) else None,
+                "video_row": row.video.row if not isinstance(video, str) else -1,
+                "image": image if isinstance(image, str) else None,
+                "image_row": row.image.row if image is not None and not isinstance(image, str) else -1,
+                "frames": frames, "bucket": bucket, "prompt": prompt, "key": "|".join(key)}
+
+    # -- setup, samples, loader -----------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         import datasets
 
         records = self.check()
-        table = {name: [r[name] for r in records] for name in ("prompt", "video", "frames", "key")}
+        table = {name: [r[name] for r in records]
+                 for name in ("video", "video_row", "image", "image_row", "frames", "prompt", "key")}
+        table["bucket"] = [list(r["bucket"]) for r in records]
         self.dataset = datasets.Dataset.from_dict(table).with_transform(self._decode)
 
+    def _media(self, kind: str, path: str | None, row: int):
+        if path is not None:
+            return path
+        if row >= 0:
+            return _load(EmbeddedFile(self.embedded[kind], row))
+        return None
+
     def _decode(self, batch: dict) -> dict:
-        spec: VideoSpec = self.processor.spec
-        samples = [self.processor({"video": resize_crop(read_frames(Path(p), frame_indices(n, spec.num_frames)),
-                                                        spec.height, spec.width), "prompt": prompt, "key": key})
-                   for p, n, prompt, key in zip(batch["video"], batch["frames"], batch["prompt"], batch["key"])]
+        with_image = self.processor.spec.conditioning_image
+        samples = []
+        for i, key in enumerate(batch["key"]):
+            num_frames, height, width = batch["bucket"][i]
+            source = self._media("video", batch["video"][i], batch["video_row"][i])
+            try:  # check() decoded these frames: this fails only if the file changed since
+                frames = read_frames(source, frame_indices(batch["frames"][i], num_frames))
+            except Exception as err:
+                raise DataError(f"{describe(source)}: cannot be decoded any more ({type(err).__name__}: {err}). "
+                                f"{REENCODE}") from None
+            video = resize_crop(frames, height, width)
+            sample = {"video": video, "prompt": batch["prompt"][i], "key": key}
+            if with_image:
+                image = self._media("image", batch["image"][i], batch["image_row"][i])
+                # the named image, resized and cropped like its clip; else the clip's first sampled frame
+                sample["image"] = video[0] if image is None else resize_crop(read_image(image)[None], height, width)[0]
+            samples.append(self.processor(sample))
         return {name: [s[name] for s in samples] for name in samples[0]}
+
+    def bucket_sampler(self, num_replicas: int | None = None, rank: int | None = None) -> VideoBatchSampler:
+        return VideoBatchSampler([r["bucket"] for r in self.check()], self.batch_size, seed=self.seed,
+                                 drop_last=self.drop_last, num_replicas=num_replicas, rank=rank)
 
     def train_dataloader(self):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
-        # Stateful: a resumed run continues mid-epoch with the batches an uninterrupted run would see.
+        self._refuse_injected_sampler()
+        # Stateful: the batch sampler's position is saved with checkpoints, so a resumed run continues
+        # mid-epoch with the batches an uninterrupted run would see.
         # Its own generator: the loader's per-epoch worker seed must not consume the global RNG that
         # the model's noise draws (restored on resume) come from.
-        sampler = ResumableShuffle(len(self.dataset), seed=self.seed)
         generator = torch.Generator().manual_seed(self.seed)
-        return StatefulDataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, generator=generator,
-                                  num_workers=self.num_workers, collate_fn=self.processor.collate, drop_last=False)
+        return StatefulDataLoader(self.dataset, batch_sampler=self.bucket_sampler(), num_workers=self.num_workers,
+                                  collate_fn=self.processor.collate, generator=generator)
+
+    def _refuse_injected_sampler(self) -> None:
+        """With several processes Lightning would replace the batch sampler's sharding by its own sampler (and
+        cannot, for a batch sampler): the recipe must leave the sharding to it."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return
+        if getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", False):
+            raise DataError("trainer.use_distributed_sampler=true with several processes: VideoDataModule's batch "
+                            "sampler shards whole batches across ranks itself. Set trainer.use_distributed_sampler="
+                            "false in the recipe (or on the command line).")

@@ -23,12 +23,15 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class VideoSpec:
-    """Clips the family trains on: every clip is resized/cropped to `height` x `width` and `num_frames` frames
-    are sampled from it (the family has already checked these against its own frame and size rules)."""
+    """Clips the family trains on.
 
-    height: int
-    width: int
-    num_frames: int
+    `buckets`: the (frames, height, width) sizes the model accepts (the family has checked each against its own
+    frame and size rules); a clip is sampled and resized/cropped to one of them and a batch holds one bucket.
+    `conditioning_image`: each sample also carries `image` [3, H, W] in [-1, 1], the image the video starts
+    from (image-to-video): the one the data names for the clip, else the clip's first frame."""
+
+    buckets: tuple[tuple[int, int, int], ...]
+    conditioning_image: bool = False
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,14 @@ class GenerationRequest:
 @dataclass
 class Sample:
     """One generated validation sample: `kind` is "video" (list of HxWx3 uint8 frames), "image" (PIL
-    image) or "text" (a string); `caption` is the prompt or label shown next to it."""
+    image) or "text" (a string); `caption` is the prompt or label shown next to it; `condition` the PIL image a
+    conditioned family generated it from (image-to-video), saved and logged next to it."""
 
     kind: str
     data: Any
     caption: str
     fps: int = 8
+    condition: Any = None
 
 
 @dataclass

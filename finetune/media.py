@@ -1,4 +1,5 @@
-"""Saving validation samples to the run directory and logging them to the experiment tracker."""
+"""Saving validation samples to the run directory and logging them to the experiment tracker (with the image each
+image-to-video sample was conditioned on next to it: `00_condition.png`, W&B `val/samples_condition`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def save_samples(samples: list[Sample], directory: Path) -> list[Path]:
             paths.append(path)
         else:
             raise ValueError(f"unknown sample kind {sample.kind!r}")
+        if sample.condition is not None:  # the image an image-to-video sample starts from, next to it
+            sample.condition.save(condition_path(paths[-1]))
     (directory / "prompts.json").write_text(
         json.dumps([s.caption for s in samples], ensure_ascii=False, indent=1), encoding="utf-8")
     return paths
@@ -37,7 +40,16 @@ def log_samples(loggers: list[Logger], samples: list[Sample], paths: list[Path],
 
             media = [wandb.Video(str(p), caption=s.caption, format="mp4") if s.kind == "video"
                      else wandb.Image(str(p), caption=s.caption) for s, p in zip(samples, paths)]
-            logger.experiment.log({key: media, "trainer/global_step": step})
+            logged = {key: media, "trainer/global_step": step}
+            if any(s.condition is not None for s in samples):  # `val/samples_condition`, in the same order
+                logged[f"{key}_condition"] = [wandb.Image(str(condition_path(p)), caption=s.caption)
+                                              for s, p in zip(samples, paths) if s.condition is not None]
+            logger.experiment.log(logged)
+
+
+def condition_path(sample_path: Path) -> Path:
+    """Where a sample's conditioning image is saved: `00.mp4` -> `00_condition.png`."""
+    return sample_path.with_name(f"{sample_path.stem}_condition.png")
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> Path:

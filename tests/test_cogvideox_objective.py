@@ -117,16 +117,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_cogvideox):
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_cogvideox15_pads_odd_latent_frames_with_the_first(tmp_path):
+def test_cogvideox15_pads_odd_latent_frames_with_the_first():
     """CogVideoX1.5 (patch_size_t=2): 17 frames -> 5 latent frames -> 6, the first one repeated
     (official finetune), and the frame count must be 16N+1."""
     from datamodules.textfiles import DataError
-    from recipes.cogvideox_tiny import save_tiny_cogvideox
+    from recipes.cogvideox import CogVideoX15
 
-    path = save_tiny_cogvideox(tmp_path / "tiny15", patch_size_t=2)
     with pytest.raises(DataError, match=r"num_frames=9 is not 16N\+1"):
-        CogVideoX(path=str(path), dtype="fp32", height=32, width=32, num_frames=9, max_sequence_length=16)
-    family = CogVideoX(path=str(path), dtype="fp32", height=32, width=32, num_frames=17, max_sequence_length=16)
+        CogVideoX15(path="tiny", dtype="fp32", height=32, width=32, num_frames=9, max_sequence_length=16)
+    family = CogVideoX15(path="tiny", dtype="fp32", height=32, width=32, num_frames=17, max_sequence_length=16)
     g = torch.Generator().manual_seed(0)
     batch = {"video": torch.rand(1, 17, 3, 32, 32, generator=g) * 2 - 1, "prompt": ["a red circle"], "key": ["k"]}
     encoded = family.encode(batch)
@@ -136,3 +135,40 @@ def test_cogvideox15_pads_odd_latent_frames_with_the_first(tmp_path):
     torch.testing.assert_close(latents[:, 0], latents[:, 1])
     loss = family.training_loss(encoded)
     assert torch.isfinite(loss)
+
+
+def test_rotary_embeddings_are_the_pipelines_at_a_non_native_size(tiny_cogvideox):
+    """Recorded from a `CogVideoXPipeline` call at 32x48 (native: 32x32): training uses the pipeline's squeezed
+    `linspace` grid there, not the official finetune's integer `slice` grid (REFERENCE section 2), because the
+    pipeline is what runs the LoRA."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from test_cogvideox_i2v import record_transformer_calls
+
+    family = tiny_family()
+    (call,) = record_transformer_calls(family.pipe, prompt="a red circle moves left", height=32, width=48,
+                                       num_frames=9, generator=torch.Generator().manual_seed(0))
+    latents = call["hidden_states"]
+    assert latents.shape == (1, 3, 16, 4, 6)
+    for ours, theirs in zip(family.rotary_embeddings(latents), call["image_rotary_emb"]):
+        torch.testing.assert_close(ours, theirs)
+    cfg = family.transformer.config
+    official_cos, _ = get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=None, grid_size=(2, 3),
+                                              temporal_size=3, grid_type="slice", max_size=(2, 3))
+    assert not torch.allclose(call["image_rotary_emb"][0], official_cos)  # the documented difference
+
+
+def test_buckets_are_checked_and_handed_to_the_data(tiny_cogvideox):
+    from finetune.data import DataError, VideoSpec
+
+    spec = CogVideoX.data_processor(path="tiny", height=32, width=32, num_frames=9).spec
+    assert spec == VideoSpec(buckets=((9, 32, 32),))  # buckets: null -> the validation size
+    spec = CogVideoX.data_processor(path="tiny", height=32, width=32, num_frames=9,
+                                    buckets=[[9, 32, 32], [17, 32, 48]]).spec
+    assert spec == VideoSpec(buckets=((9, 32, 32), (17, 32, 48)))
+    with pytest.raises(DataError, match=r"model.buckets\[1\]=\[10, 32, 48\]: frames=10 is not 8N\+1.*Use 9 or 17"):
+        CogVideoX.data_processor(path="tiny", height=32, width=32, num_frames=9, buckets=[[9, 32, 32], [10, 32, 48]])
+    with pytest.raises(DataError, match=r"model.buckets\[0\]=\[9, 40, 32\]: height=40 is not a multiple of 16"):
+        CogVideoX.data_processor(path="tiny", height=32, width=32, num_frames=9, buckets=[[9, 40, 32]])
+    family = CogVideoX(path="tiny", dtype="fp32", height=32, width=32, num_frames=9, buckets=[[9, 32, 48]],
+                       max_sequence_length=16)
+    assert family.buckets == ((9, 32, 48),) and "((9, 32, 48),)" in family.cache_namespace()

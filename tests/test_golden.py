@@ -39,10 +39,15 @@ def recipe_losses(recipe: str, run_dir, *extra: str, steps: int = 4) -> list[flo
     return recorder.losses
 
 
-# CogVideoX SFT has no recipe of its own yet: `adapter=full` on the LoRA recipe is its path.
+# CogVideoX1.5 SFT has no recipe of its own: `adapter=full` on its LoRA recipe is its path.
 GOLDEN = {
+    "cogvideox15_i2v_lora": [1.292485, 0.969073, 1.092174, 1.057911],
+    "cogvideox15_lora": [1.251937, 0.975958, 0.877357, 0.992788],
+    "cogvideox15_lora adapter=full": [1.241104, 1.370153, 1.290218, 0.912385],
+    "cogvideox_i2v_lora": [0.991070, 0.953387, 1.402374, 0.968805],
+    "cogvideox_i2v_sft": [1.312388, 0.867431, 0.928626, 1.277468],
     "cogvideox_lora": [1.789254, 1.451634, 1.750631, 1.923148],
-    "cogvideox_lora adapter=full": [1.555340, 1.779546, 1.789141, 1.552127],
+    "cogvideox_sft": [1.555340, 1.779546, 1.789141, 1.552127],
     "cogview3plus_lora": [0.781884, 0.417691, 0.646043, 0.562185],
     "cogview4_lora": [2.666716, 2.481849, 2.648652, 2.519934],
     "cogview4_sft": [2.575119, 2.765093, 2.443840, 2.371419],
