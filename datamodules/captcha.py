@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from datamodules.captcha_sources import CaptchaGenerator, folder_splits, hf_splits
+from datamodules.sample_checks import OnBadSample
 from datamodules.sampling import ResumableShuffle
 from finetune.data import FamilyDataModule
 
@@ -36,9 +37,16 @@ class CaptchaDataModule(FamilyDataModule):
         split_fractions, split_seed: the folder / generated / single-split cut (official: 0.8/0.05/0.15, 2023).
         batch_size: training batch per device; eval_batch_size: validation/test batch (greedy decoding).
         num_workers: loading processes; seed: training order (independent of the split).
-        check_images: decode every image in `check()` (before the model loads) to name broken files.
+        check_images: decode every image in `check()` (before the model loads, in parallel) to name broken files.
+        on_bad_sample: `fail` stops on an undecodable image, naming every one; `skip` leaves each out with a
+            warning and counts them (the split is made from the images that are left).
         demo_count, demo_length, demo_charset, demo_width, demo_height, demo_seed: the generated captchas.
     """
+
+    # checked by finetune.validate before anything is built
+    setting_ranges = {"batch_size": ">=1", "eval_batch_size": ">=1", "num_workers": ">=0",
+                      "split_fractions": "[0, 1]", "demo_count": ">=3", "demo_length": ">=1", "demo_width": ">=8",
+                      "demo_height": ">=8"}
 
     def __init__(self, root: str = "demo", hf_dataset: str | None = None, image_column: str = "image",
                  text_column: str = "solution", hf_splits: dict | None = None,
@@ -46,8 +54,9 @@ class CaptchaDataModule(FamilyDataModule):
                  batch_size: int = 4, eval_batch_size: int = 8, num_workers: int = 2, seed: int = 0,
                  check_images: bool = True, demo_count: int = 1000, demo_length: int = 4,
                  demo_charset: str = "0123456789abcdefghijklmnopqrstuvwxyz", demo_width: int = 160,
-                 demo_height: int = 60, demo_seed: int = 2023):
+                 demo_height: int = 60, demo_seed: int = 2023, on_bad_sample: OnBadSample = "fail"):
         super().__init__()
+        self.on_bad_sample = on_bad_sample
         self.root, self.hf_dataset, self.hf_split_names = root, hf_dataset, dict(hf_splits or {})
         self.image_column, self.text_column = image_column, text_column
         self.split_fractions, self.split_seed = tuple(split_fractions), split_seed
@@ -63,12 +72,12 @@ class CaptchaDataModule(FamilyDataModule):
         if self.splits is None:
             if self.hf_dataset:
                 self.splits = hf_splits(self.hf_dataset, self.image_column, self.text_column, self.hf_split_names,
-                                        self.split_fractions, self.split_seed, self.check_images)
+                                        self.split_fractions, self.split_seed, self.check_images, self.on_bad_sample)
             elif self.generator is not None:
                 self.splits = self.generator.splits(self.split_fractions, self.split_seed)
             else:
                 self.splits = folder_splits(Path(self.root).expanduser(), self.split_fractions, self.split_seed,
-                                            self.check_images)
+                                            self.check_images, self.on_bad_sample)
         return self.splits
 
     def setup(self, stage: str | None = None) -> None:

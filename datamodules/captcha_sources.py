@@ -13,6 +13,7 @@ except for generated captchas, `image`).
 from __future__ import annotations
 
 import io
+import math
 import random
 import threading
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from datamodules.sample_checks import BadSamples, check_all
 from datamodules.textfiles import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -41,22 +43,45 @@ def split_indices(count: int, fractions=(0.8, 0.05, 0.15), seed: int = 2023) -> 
 
 
 def _unreadable(source, name: str) -> str | None:
-    """None if `source` (a path or bytes) decodes as an image, else the reason."""
+    """None if `source` (a path or bytes) decodes in full as an image, else the reason, naming it."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.load()
     except Exception as err:  # PIL raises many types for broken files
-        return f"{name}: {type(err).__name__}: {err}"
+        return f"{name}: not a readable image ({type(err).__name__}: {err})"
     return None
 
 
-def _raise_bad(bad: list[str], fix: str) -> None:
-    if bad:
-        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise DataError(f"{len(bad)} unreadable image(s):\n  {shown}\n{fix}")
+def readable(sources: list, names: list[str], on_bad_sample: str, fix: str) -> list[int]:
+    """Indices of the sources that decode, each decoded in full on a thread pool; the others fail the run (all
+    named) or, with on_bad_sample=skip, are left out with a warning each."""
+    bad = BadSamples(on_bad_sample)
+    reasons = check_all(range(len(sources)), lambda i: _unreadable(sources[i], names[i]), total=len(sources))
+    kept = []
+    for index, reason in enumerate(reasons):
+        if reason:
+            bad.add(reason)
+        else:
+            kept.append(index)
+    bad.finish(len(sources), fix)
+    return kept
 
 
-def folder_splits(root: Path, fractions, seed: int, check_images: bool = True) -> dict:
+def check_split_sizes(sizes: dict[str, int], fractions, what: str, wanted=SPLITS) -> None:
+    """Every split the fractions ask for holds at least one image (`int(fraction * count)` rounds small sets down
+    to nothing): name what each split got and the fix."""
+    empty = [split for split in dict.fromkeys(wanted) if not sizes[split]]
+    if not empty:
+        return
+    count = sum(sizes.values())
+    got = ", ".join(f"{split} {sizes[split]}" for split in SPLITS)
+    needed = math.ceil(1 / min(f for f in fractions if f > 0)) if any(f > 0 for f in fractions) else count
+    raise DataError(f"{what}: the data.split_fractions={list(fractions)} split of {count} image(s) gives {got}: "
+                    f"{' and '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty. Use at least {needed} images, "
+                    f"or raise the fraction of {' and '.join(empty)} (set it to 0 to have no such split).")
+
+
+def folder_splits(root: Path, fractions, seed: int, check_images: bool = True, on_bad_sample: str = "fail") -> dict:
     """Kaggle layout: every image directly in `root`, label = file stem."""
     import datasets
 
@@ -68,9 +93,12 @@ def folder_splits(root: Path, fractions, seed: int, check_images: bool = True) -
         raise DataError(f"{root} holds no .jpg or .png file. The Kaggle layout keeps every captcha directly in the "
                         f"folder, named by its label (e.g. {root}/2b827.png).")
     if check_images:
-        _raise_bad([reason for p in files if (reason := _unreadable(p, str(p)))],
-                   "Delete or replace them (a captcha must open with PIL), then run again.")
+        kept = readable(files, [str(p) for p in files], on_bad_sample,
+                        "Delete or replace them (a captcha must open with PIL), then run again.")
+        files = [files[i] for i in kept]
     parts = split_indices(len(files), fractions, seed)
+    check_split_sizes({split: len(index) for split, index in parts.items()}, fractions, f"data.root={str(root)!r}",
+                      [split for split, fraction in zip(SPLITS, fractions) if fraction > 0] + ["train"])
     return {split: datasets.Dataset.from_dict({
         "key": [files[i].name for i in index],
         "label": [files[i].stem.strip() for i in index],
@@ -97,16 +125,18 @@ def _load_hf(name: str):
 
 
 def hf_splits(name: str, image_column: str, text_column: str, split_names: dict | None, fractions, seed: int,
-              check_images: bool = True) -> dict:
+              check_images: bool = True, on_bad_sample: str = "fail") -> dict:
     """The dataset's own train/val/test splits (named by `split_names`), or one split cut 80/5/15."""
     import datasets
 
     loaded, names = _load_hf(name), {**DEFAULT_HF_SPLITS, **(split_names or {})}
     if isinstance(loaded, datasets.DatasetDict) and all(names[s] in loaded for s in SPLITS):
         splits = {s: loaded[names[s]] for s in SPLITS}
+        wanted = SPLITS
     elif isinstance(loaded, datasets.Dataset) or len(loaded) == 1:
         single = loaded if isinstance(loaded, datasets.Dataset) else next(iter(loaded.values()))
         splits = {s: single.select(index) for s, index in split_indices(len(single), fractions, seed).items()}
+        wanted = [split for split, fraction in zip(SPLITS, fractions) if fraction > 0] + ["train"]
     else:
         raise DataError(f"data.hf_dataset={name!r} has splits {sorted(loaded)}, not {sorted(names.values())}: "
                         f"set data.hf_splits (e.g. {{train: train, val: valid, test: test}}).")
@@ -119,14 +149,26 @@ def hf_splits(name: str, image_column: str, text_column: str, split_names: dict 
         ds = ds.select_columns([image_column, text_column]).rename_columns({image_column: "image", text_column: "label"})
         ds = ds.cast_column("image", datasets.Image(decode=False))
         keys = [f"{name}/{split}/{i}" for i in range(len(ds))]
+        ds = ds.add_column("key", keys)
         if check_images:
-            _raise_bad([reason for i, item in enumerate(ds["image"])
-                        if (reason := _unreadable(item["bytes"] or item["path"], item["path"] or keys[i]))],
-                       f"Fix or drop those rows of {name}.")
-        empty = [keys[i] for i, label in enumerate(ds["label"]) if not str(label or "").strip()]
+            items = ds["image"]
+            kept = readable([item["bytes"] or item["path"] for item in items],
+                            [item["path"] or keys[i] for i, item in enumerate(items)], on_bad_sample,
+                            f"Fix or drop those rows of {name}.")
+            ds = ds.select(kept) if len(kept) < len(ds) else ds
+        empty = [key for key, label in zip(ds["key"], ds["label"]) if not str(label or "").strip()]
         if empty:
             raise DataError(f"{len(empty)} sample(s) with an empty {text_column!r}, e.g. {empty[:3]}: drop them.")
-        out[split] = ds.add_column("key", keys).cast_column("image", datasets.Image())
+        out[split] = ds.cast_column("image", datasets.Image())
+    if wanted is SPLITS:  # the dataset's own splits
+        empty = [split for split in SPLITS if not len(out[split])]
+        if empty:
+            raise DataError(f"data.hf_dataset={name!r}: {', '.join(f'{s} ({names[s]!r})' for s in empty)} "
+                            f"{'has' if len(empty) == 1 else 'have'} no usable samples (train {len(out['train'])}, "
+                            f"val {len(out['val'])}, test {len(out['test'])}). Set data.hf_splits to non-empty splits.")
+    else:
+        check_split_sizes({split: len(ds) for split, ds in out.items()}, fractions, f"data.hf_dataset={name!r}",
+                          wanted)
     return out
 
 
@@ -195,8 +237,12 @@ class CaptchaGenerator:
     def splits(self, fractions, seed: int) -> dict:
         import datasets
 
+        parts = split_indices(self.count, fractions, seed)
+        check_split_sizes({split: len(index) for split, index in parts.items()}, fractions,
+                          f"data.demo_count={self.count}",
+                          [split for split, fraction in zip(SPLITS, fractions) if fraction > 0] + ["train"])
         return {split: datasets.Dataset.from_dict({
             "key": [f"generated/{self.seed}/{i}" for i in index],
             "label": [self.label(i) for i in index],
             "index": index,
-        }) for split, index in split_indices(self.count, fractions, seed).items()}
+        }) for split, index in parts.items()}

@@ -7,8 +7,9 @@ Sources (`data.root`):
   hub dataset name (`image_column` / `caption_column` name the columns);
 - `demo`: a generated set of coloured shapes with English and Chinese captions (datamodules/demo_images.py).
 
-`check()` reads every caption and image header before the model is loaded, so a bad caption file, a
-missing or unreadable image, or an empty caption stops the run at once with the file (and line) named.
+`check()` reads every caption and decodes every image in full (in parallel) before the model is loaded, so a bad
+caption file, a missing, unreadable or cut-off image, an image smaller than the smallest bucket, or an empty caption
+stops the run with the file (and line) named, or with `on_bad_sample=skip` is left out with a warning.
 Each image goes to the bucket nearest its aspect ratio (datamodules/buckets.py; the buckets' area and limits
 are the model family's `finetune.data.ImageSpec`, handed over by the engine), is resized to cover the bucket
 and centre-cropped, and scaled to [-1, 1]. Batches: `image` [B, 3, H, W], `prompt`, `key`.
@@ -24,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from datamodules.buckets import BucketBatchSampler, make_buckets, nearest_bucket
+from datamodules.sample_checks import BadSamples, OnBadSample, check_all
 from datamodules.textfiles import DataError, decode_utf8_lines
 from finetune.data import FamilyDataModule, ImageSpec
 from finetune.hub import cache_root
@@ -95,20 +97,31 @@ def _describe(source, where: str) -> str:
 
 
 def image_size(source, where: str) -> tuple[int, int]:
-    """(height, width) after EXIF rotation, from the header; a missing or unreadable file is a DataError."""
+    """(height, width) after EXIF rotation, decoding the whole image (a body cut short passes a header check and
+    would crash mid-epoch); a missing or undecodable file is a DataError that names it."""
     try:
         with _open(source) as image:
+            image.load()
             width, height = image.size
             transposed = image.getexif().get(0x0112) in EXIF_TRANSPOSED
-        with _open(source) as image:
-            image.verify()  # structure and checksums, without decoding the pixels
     except FileNotFoundError:
         raise DataError(f"{where}: image {_describe(source, where)} does not exist. Fix `file_name` (relative to "
                         f"the data folder) or remove the entry.") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except Exception as err:  # PIL raises many types for broken files (OSError, SyntaxError, struct.error, ...)
         raise DataError(f"{_describe(source, where)}: not a readable image ({type(err).__name__}: {err}). "
                         f"Re-save it (PNG/JPEG/WebP) or remove it.") from None
     return (width, height) if transposed else (height, width)
+
+
+def check_size(size: tuple[int, int], buckets: list[tuple[int, int]], described: str) -> None:
+    """An image with a side under every bucket's shortest side would be upscaled into blur: a DataError."""
+    shortest = min(min(bucket) for bucket in buckets)
+    if min(size) < shortest:
+        smallest = min(buckets, key=lambda hw: (hw[0] * hw[1], hw))
+        raise DataError(f"{described}: {size[0]}x{size[1]} pixels (HxW) is smaller than the smallest bucket "
+                        f"{smallest[0]}x{smallest[1]} (no bucket side is under {shortest}); it would be upscaled "
+                        f"{shortest / min(size):.1f}x. Use a larger image or remove it, or lower model.min_side "
+                        f"(and model.bucket_pixels) to train at smaller sizes.")
 
 
 def _source_key(source, caption: str, bucket: tuple[int, int]) -> str:
@@ -150,15 +163,20 @@ class ImageDataModule(FamilyDataModule):
         seed: the order of the batches (independent of the model's noise draws).
         drop_last: drop each bucket's last incomplete batch (keeps every batch full).
         demo_count: images in the generated demo set.
+        on_bad_sample: `fail` stops before training on a missing, undecodable or too small image or an empty
+            caption, naming every one; `skip` leaves each out with a warning and counts them.
     The buckets' area and limits come from the model family (`connect`).
     """
 
     spec_type = ImageSpec
+    setting_ranges = {"batch_size": ">=1", "num_workers": ">=0", "demo_count": ">=1"}  # checked by finetune.validate
 
     def __init__(self, root: str, split: str = "train", image_column: str = "image",
                  caption_column: str | None = None, dataset_config: str | None = None, batch_size: int = 1,
-                 num_workers: int = 0, seed: int = 0, drop_last: bool = False, demo_count: int = 12):
+                 num_workers: int = 0, seed: int = 0, drop_last: bool = False, demo_count: int = 12,
+                 on_bad_sample: OnBadSample = "fail"):
         super().__init__()
+        self.on_bad_sample = on_bad_sample
         self.root, self.split, self.dataset_config = root, split, dataset_config
         self.image_column, self.caption_column = image_column, caption_column
         self.batch_size, self.num_workers, self.seed, self.drop_last = batch_size, num_workers, seed, drop_last
@@ -215,7 +233,8 @@ class ImageDataModule(FamilyDataModule):
 
     # -- check, setup, loader -------------------------------------------------------------------
     def check(self) -> dict:
-        """Validate captions, images and bucket limits before the model is loaded."""
+        """Validate captions, images (each decoded in full, in parallel) and sizes before the model is loaded; a bad
+        sample fails the run or, with `on_bad_sample=skip`, is left out (named in a warning)."""
         if self.table is not None:
             return self.table
         spec: ImageSpec = self.require_processor().spec
@@ -224,23 +243,48 @@ class ImageDataModule(FamilyDataModule):
         folder = self._folder()
         if folder is not None:
             rows, base = read_metadata(folder, self.caption_column), None
+            total = len(rows)
         else:
             base, relative_to = self._dataset()
+            total = len(base)
             rows = ((_resolve(row["image"], relative_to), row["prompt"], f"{self.root}[{self.split}] row {index}")
                     for index, row in enumerate(base))  # lazily: embedded images are not all held in memory
-        paths, prompts, keys, sizes = [], [], [], []
-        for source, caption, where in rows:
-            caption = _caption(caption, where)
-            bucket = nearest_bucket(*image_size(source, where), buckets)
+        if not total:
+            raise DataError(f"data.root={self.root!r}{'' if folder else f' (split {self.split!r})'} holds no images. "
+                            f"Point data.root at a non-empty dataset, or use data.root=demo.")
+
+        def examine(row) -> tuple | str:
+            source, caption, where = row
+            try:
+                caption = _caption(caption, where)
+                size = image_size(source, where)
+                check_size(size, buckets, _describe(source, where))
+            except DataError as err:
+                return str(err)
+            bucket = nearest_bucket(*size, buckets)
+            return source, caption, bucket, _source_key(source, caption, bucket)
+
+        bad = BadSamples(self.on_bad_sample)
+        paths, prompts, keys, sizes, kept = [], [], [], [], []
+        for index, result in enumerate(check_all(rows, examine, total=total)):
+            if isinstance(result, str):
+                bad.add(result)
+                continue
+            source, caption, bucket, key = result
+            kept.append(index)
             prompts.append(caption)
             sizes.append(bucket)
-            keys.append(_source_key(source, caption, bucket))
+            keys.append(key)
             paths.append(source if isinstance(source, str) else None)
+        bad.finish(total)
         if not prompts:
-            raise DataError(f"data.root={self.root!r} holds no images.")
+            raise DataError(f"data.root={self.root!r}: all {total} images were left out as bad "
+                            f"(data.on_bad_sample=skip; see the warnings above). Fix them or use other data.")
         embedded = base is not None and not isinstance(paths[0], str)
-        self.table = {"images": base.select_columns(["image"]) if embedded else paths, "prompt": prompts,
-                      "key": keys, "bucket": sizes}
+        if embedded:
+            images = base.select_columns(["image"])
+            images = images.select(kept) if len(kept) < total else images
+        self.table = {"images": images if embedded else paths, "prompt": prompts, "key": keys, "bucket": sizes}
         return self.table
 
     def setup(self, stage: str | None = None) -> None:

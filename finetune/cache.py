@@ -8,6 +8,7 @@ stores one safetensors file per sample. Later epochs and later runs skip the VAE
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -36,9 +37,11 @@ class EncodedCache:
         encoded = encode(batch)
         for i, path in enumerate(paths):
             sample = {name: value[i].detach().to("cpu").contiguous() for name, value in encoded.items()}
-            tmp = path.with_suffix(".tmp")
+            # A private temporary name, then an atomic rename: a crash never leaves a truncated entry, and runs
+            # sharing the cache never write into each other's files.
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             save_file(sample, str(tmp))
-            tmp.replace(path)  # atomic: a crash never leaves a truncated entry
+            tmp.replace(path)
         return encoded
 
 

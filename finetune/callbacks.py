@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from finetune.family import GenerationRequest
+from finetune.guards import TrainingFailed
 from finetune.media import log_samples, save_samples
 
 
@@ -99,13 +102,28 @@ class ExportAdapter(L.Callback):
 
     def __init__(self, dirname: str = "export", every_n_steps: int = 0):
         self.dirname, self.every_n_steps = dirname, every_n_steps
+        self.written: list[Path] = []
 
     def export(self, trainer: L.Trainer, module: L.LightningModule, directory: Path) -> None:
         # All ranks gather (a collective under FSDP/ZeRO-3); rank zero writes.
         with full_parameters(trainer, module):
             if trainer.is_global_zero:
-                directory.mkdir(parents=True, exist_ok=True)
-                path = module.family.export(directory, module.adapter)
+                check_finite(module, trainer.global_step)
+                # Written into a private folder next to the destination, then moved into place entry by entry:
+                # a crash or a full disk leaves the previous export whole, and a reader never sees half of one.
+                staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+                try:
+                    path = module.family.export(staging, module.adapter)
+                    publish(staging, directory)
+                except OSError as err:
+                    raise OSError(err.errno, f"could not write the export {directory} ({err.strerror or err}); the "
+                                             f"previous export, if any, is kept.") from None
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+                path = directory / Path(path).relative_to(staging)
+                self.written.append(path)
                 rank_zero_info(f"exported {type(module.adapter).__name__} to {path}")
         trainer.strategy.barrier()
 
@@ -115,6 +133,29 @@ class ExportAdapter(L.Callback):
 
     def on_train_end(self, trainer, module) -> None:
         self.export(trainer, module, _run_dir(trainer) / self.dirname)
+
+
+def check_finite(module: L.LightningModule, step: int) -> None:
+    """Refuse to export non-finite weights (whatever let them through)."""
+    bad = [name for name, p in module.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingFailed(f"step {step}: {len(bad)} trained tensors hold NaN/inf (e.g. {bad[0]}); nothing was "
+                             f"exported. Lower optimizer.lr and resume from the last good checkpoint.")
+
+
+def publish(staging: Path, directory: Path) -> None:
+    """Move each file and folder of `staging` into `directory`, replacing what is there by rename (other entries,
+    e.g. the periodic `step_NNNNNN/` exports, stay)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for entry in staging.iterdir():
+        target = directory / entry.name
+        if entry.is_dir() and target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+            entry.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(entry, target)
 
 
 class TrainingStats(L.Callback):

@@ -9,7 +9,9 @@ import torch
 
 from finetune.adapters import Full, LoRA
 from finetune.cache import EncodedCache
+from finetune.checkpointing import CheckpointError, identity_differences
 from finetune.family import ModelFamily
+from finetune.guards import TrainingFailed
 
 
 class FinetuneModule(L.LightningModule):
@@ -38,6 +40,9 @@ class FinetuneModule(L.LightningModule):
         self.cache = EncodedCache(cache_dir, family.cache_namespace()) if cache_dir else None
         # Checkpoints hold only trainable weights; the frozen base comes from model.path again.
         self.strict_loading = False
+        #: what this run trains (recipe, model, adapter, kit version: `finetune.checkpointing.run_identity`)
+        self.identity: dict = {}
+        self.batches_trained = 0  # in this process (a resumed run starts at 0): a run that trained none failed
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -58,6 +63,17 @@ class FinetuneModule(L.LightningModule):
         loss = self.family.training_loss(self.encode(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["key"]))
         return loss
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        self.batches_trained += 1
+
+    def on_fit_end(self) -> None:
+        # Here, in the process that trained (also under ddp_spawn), after the export: a run that trained no
+        # batch fails instead of looking done.
+        if self.batches_trained == 0:
+            raise TrainingFailed(f"no batch was trained (global step {self.trainer.global_step} of "
+                                 f"trainer.max_steps={self.trainer.max_steps}): the data gave no batches, or the "
+                                 f"resumed checkpoint had already reached max_steps (raise it to continue).")
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         return self._evaluate("val", batch)
@@ -85,17 +101,27 @@ class FinetuneModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["cogft"] = self.identity  # what it was trained for: checked when it is loaded
         # The noise and timestep draws continue exactly where they stopped after a resume.
         checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        expected = set(self.trainable_state_dict())
-        missing = expected - set(checkpoint["state_dict"])
+        differences = identity_differences(checkpoint.get("cogft", {}), self.identity)
+        if differences:
+            raise CheckpointError("the checkpoint was trained for something else: " + "; ".join(differences)
+                                  + ". Pass the matching recipe and settings, or another ckpt_path.")
+        expected = self.trainable_state_dict()
+        missing = set(expected) - set(checkpoint["state_dict"])
         if missing:
-            raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}): "
-                               f"it was written for a different adapter or model; check adapter.* and model.path")
+            raise CheckpointError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}): "
+                                  f"it was written for a different adapter or model; check adapter.* and model.path")
+        for name, saved in checkpoint["state_dict"].items():
+            if name in expected and saved.shape != expected[name].shape:
+                raise CheckpointError(f"checkpoint tensor {name} has shape {tuple(saved.shape)}, this run's "
+                                      f"{tuple(expected[name].shape)}: it was trained with other adapter settings "
+                                      f"(e.g. adapter.rank); pass the settings it was trained with.")
         rng = checkpoint.get("rng_state")
         if rng:
             torch.set_rng_state(rng["torch"])

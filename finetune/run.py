@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from pathlib import Path
 
 import lightning as L
@@ -10,8 +13,10 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.checkpointing import run_identity
 from finetune.console import quiet_known_warnings
 from finetune.module import FinetuneModule
+from finetune.validate import check_config, check_trainable_modules
 
 
 def named_strategy(name: str = "auto") -> str:
@@ -57,10 +62,12 @@ def build_data(cfg: DictConfig):
 
 
 def build(cfg: DictConfig) -> tuple[L.Trainer, FinetuneModule, L.LightningDataModule, str | None]:
+    check_config(cfg)  # every setting's type, range and name, before anything is read or built
     run_dir = Path(cfg.run_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_data(cfg)
+    check_trainable_modules(cfg)  # LoRA targets and trained modules by name, on a weightless copy of the network
     module = build_module(cfg)
     if cfg.get("adapter_path"):  # an export (family.export) as the weights, e.g. with mode=test
         if ckpt_path:
@@ -70,26 +77,52 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, FinetuneModule, L.LightningDataMo
     logger = instantiate(cfg.logger)
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), strategy=instantiate(cfg.strategy),
                           callbacks=callbacks, logger=logger)
+    module.identity = run_identity(cfg)
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return trainer, module, datamodule, ckpt_path
+
+
+# What a run writes into its run_dir (Hydra's own train.log is appended to and not counted).
+RUN_OUTPUTS = ("config.yaml", "checkpoints", "export", "samples", "predictions", "csv", "tensorboard", "wandb")
+
+
+def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> list[str]:
+    """Each run owns its directory: one that holds another run's outputs is reused only to resume it
+    (`ckpt_path`) or when asked (`overwrite=true`, which removes those outputs first). Returns what was there."""
+    found = sorted(name for name in RUN_OUTPUTS if (run_dir / name).exists())
+    if found and not ckpt_path and not overwrite:
+        raise FileExistsError(
+            f"run_dir={run_dir} already holds a run ({', '.join(found)}). Resume it with ckpt_path=last, choose "
+            f"another run_dir (the default is a new timestamped folder), or pass overwrite=true to replace it.")
+    if found and overwrite and not ckpt_path:
+        for name in found:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return []
+    return found
 
 
 def train(cfg: DictConfig) -> FinetuneModule:
     """`mode=fit` trains (resuming from `ckpt_path`); `mode=test` evaluates the test split with the
     weights of `ckpt_path`, of an exported adapter (`adapter_path`), or of the base model, and logs `test/*`."""
     quiet_known_warnings()  # before anything warns: the console keeps only what the user can act on
-    if cfg.get("mode", "fit") not in ("fit", "test"):
-        raise ValueError(f"mode={cfg.mode!r}: use fit or test")
-    trainer, module, datamodule, ckpt_path = build(cfg)
+    check_config(cfg)  # a bad setting stops the run before anything is read, built or removed (overwrite=true)
     run_dir = Path(cfg.run_dir)
+    first_process = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    # Processes that Lightning or torchrun starts for the other ranks find the folder rank zero just claimed.
+    earlier = claim_run_dir(run_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False))) if first_process else []
+    trainer, module, datamodule, ckpt_path = build(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if first_process:  # a resumed run keeps the first config and adds its own next to it
+        resumed = "config.yaml" in earlier
+        name = f"config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml" if resumed else "config.yaml"
+        (run_dir / name).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     try:
         if cfg.get("mode", "fit") == "test":
-            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         else:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         finish_loggers(trainer)
     rank_zero_info(f"run directory: {run_dir.resolve()}")

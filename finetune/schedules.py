@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def warmup_schedule(optimizer: Optimizer, total_steps: int, name: str = "cosine", warmup_steps: int = 0,
-                    warmup_ratio: float | None = None, min_lr_ratio: float = 0.0) -> LambdaLR:
+def warmup_schedule(optimizer: Optimizer, total_steps: int, name: Literal["constant", "cosine"] = "cosine",
+                    warmup_steps: int = 0, warmup_ratio: float | None = None, min_lr_ratio: float = 0.0) -> LambdaLR:
     """`warmup_ratio` (e.g. 0.02 for CogVLM's 2%) wins over `warmup_steps` when given."""
     if name not in ("constant", "cosine"):
         raise ValueError(f"lr_scheduler.name={name!r}: use 'constant' or 'cosine'")
@@ -26,3 +27,7 @@ def warmup_schedule(optimizer: Optimizer, total_steps: int, name: str = "cosine"
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+# Checked by finetune.validate before anything is built.
+warmup_schedule.setting_ranges = {"warmup_steps": ">=0", "warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]"}

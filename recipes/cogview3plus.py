@@ -45,6 +45,10 @@ class CogView3Plus(DiffusersFamily):
     """
 
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    transformer_class = "CogView3PlusTransformer2DModel"
+    setting_ranges = {"height": ">0", "width": ">0", "max_sequence_length": ">=1", "bucket_pixels": ">0",
+                      "min_side": ">0", "max_side": ">0", "bucket_multiple": ">=1",
+                      "max_pixels": ">0"}  # checked by finetune.validate before anything is built
 
     def __init__(self, path: str = "THUDM/CogView3-Plus-3B", dtype: str = "bf16", height: int = 1024,
                  width: int = 1024, max_sequence_length: int = 224, bucket_pixels: int = 1024 * 1024,
@@ -64,6 +68,12 @@ class CogView3Plus(DiffusersFamily):
         if self.scheduler.config.prediction_type != "v_prediction":
             raise ValueError(f"{local}: scheduler prediction_type={self.scheduler.config.prediction_type!r}; "
                              f"this recipe trains v-prediction as CogView3-Plus does.")
+
+    @classmethod
+    def local_checkpoint(cls, path: str) -> str:
+        from recipes.cogview3plus_tiny import save_tiny_cogview3plus
+
+        return resolve_pretrained(path, family="cogview3plus", build_tiny=save_tiny_cogview3plus)
 
     @classmethod
     def data_processor(cls, height: int = 1024, width: int = 1024, bucket_pixels: int = 1024 * 1024,

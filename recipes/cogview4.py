@@ -109,6 +109,10 @@ class CogView4(DiffusersFamily):
     """
 
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    transformer_class = "CogView4Transformer2DModel"
+    setting_ranges = {"height": ">0", "width": ">0", "max_sequence_length": ">=1", "logit_std": ">0",
+                      "bucket_pixels": ">0", "min_side": ">0", "max_side": ">0", "bucket_multiple": ">=1",
+                      "max_pixels": ">0"}  # checked by finetune.validate before anything is built
 
     def __init__(self, path: str = "THUDM/CogView4-6B", dtype: str = "bf16", height: int = 1024,
                  width: int = 1024, max_sequence_length: int = 1024, sigma_sampling: str = "uniform",
@@ -135,6 +139,12 @@ class CogView4(DiffusersFamily):
         if self.vae.config.shift_factor not in (None, 0, 0.0):
             raise ValueError(f"{local}: vae.config.shift_factor={self.vae.config.shift_factor}, but CogView4Pipeline "
                              f"decodes latents / scaling_factor without a shift; training would not match inference.")
+
+    @classmethod
+    def local_checkpoint(cls, path: str) -> str:
+        from recipes.cogview4_tiny import save_tiny_cogview4
+
+        return resolve_pretrained(path, family="cogview4", build_tiny=save_tiny_cogview4)
 
     @classmethod
     def data_processor(cls, height: int = 1024, width: int = 1024, bucket_pixels: int = 1024 * 1024,

@@ -33,6 +33,25 @@ class DiffusersFamily(ModelFamily):
     def trainable_module(self) -> nn.Module:
         return self.transformer
 
+    @classmethod
+    def trainable_module_names(cls, path: str, **_) -> dict[str, str] | None:
+        """Qualified name -> class name of every submodule of the transformer, built from the checkpoint's
+        `transformer/config.json` on the meta device (no weights read, no memory; 0.1 s at 5B): what
+        `adapter.target_modules` and `adapter.modules` must match, checked before the model loads
+        (`finetune.validate.check_trainable_modules`). Needs the `local_checkpoint(path)` hook; the class is
+        `transformer_class` or the one `model_index.json` names."""
+        import diffusers
+
+        if not hasattr(cls, "local_checkpoint"):
+            return None
+        local = Path(cls.local_checkpoint(path))
+        class_name = getattr(cls, "transformer_class", None) or \
+            json.loads((local / "model_index.json").read_text())["transformer"][-1]
+        transformer_class = getattr(diffusers, class_name)
+        with torch.device("meta"):
+            transformer = transformer_class.from_config(transformer_class.load_config(local / "transformer"))
+        return {name: type(module).__name__ for name, module in transformer.named_modules() if name}
+
     # -- export and reload ------------------------------------------------------------------------
     def export(self, directory: str | os.PathLike, adapter) -> Path:
         """LoRA: `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(dir)`; full finetune: the

@@ -58,7 +58,7 @@ def test_folder_split_is_disjoint_reproducible_and_labelled_by_stem(folder):
 
 def test_bad_image_is_named_before_the_model_loads(folder):
     (folder / "zz9x.png").write_bytes(b"this is not a png")
-    with pytest.raises(DataError, match=r"(?s)1 unreadable image.*zz9x\.png"):
+    with pytest.raises(DataError, match=r"(?s)1 bad image\(s\) of 25.*zz9x\.png: not a readable image.*on_bad_sample=skip"):
         CaptchaDataModule(root=str(folder)).check()
     with pytest.raises(DataError, match="is not a directory"):
         CaptchaDataModule(root=str(folder / "missing")).check()
@@ -122,3 +122,27 @@ def test_batches_mask_all_but_label_and_eos(folder, tiny_cogvlm):
     assert torch.equal(full[:len(prompt)], prompt)  # the generation prompt is the training row minus the answer
     assert tokenizer.decode(prompt[-9:]).strip() == "CAPTCHA:"
     assert val["preview"][0].dtype == np.uint8 and val["preview"][0].shape == (30, 80, 3)
+
+
+def test_a_split_left_empty_by_rounding_says_what_each_split_got(tmp_path):
+    for label in LABELS[:3]:
+        _captcha(label).save(tmp_path / f"{label}.png")
+    with pytest.raises(DataError, match=r"the data.split_fractions=\[0.8, 0.05, 0.15\] split of 3 image\(s\) gives "
+                                        r"train 3, val 0, test 0: val and test are empty. Use at least 20 images"):
+        CaptchaDataModule(root=str(tmp_path)).check()
+    splits = CaptchaDataModule(root=str(tmp_path), split_fractions=(1.0, 0.0, 0.0)).check()  # no val/test: asked for
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [3, 0, 0]
+    with pytest.raises(DataError, match=r"data.demo_count=3: .* gives train 3, val 0, test 0"):
+        CaptchaDataModule(demo_count=3).check()
+
+
+def test_a_cut_off_captcha_fails_or_is_skipped(folder):
+    image = folder / "zz9x.jpg"
+    _captcha("zz9x").save(image, quality=95)
+    image.write_bytes(image.read_bytes()[:200])
+    with pytest.raises(DataError, match=r"(?s)1 bad image\(s\) of 25.*zz9x\.jpg: not a readable image"):
+        CaptchaDataModule(root=str(folder)).check()
+    with pytest.warns(UserWarning, match=r"skipped \(data.on_bad_sample=skip\): .*zz9x\.jpg"):
+        splits = CaptchaDataModule(root=str(folder), on_bad_sample="skip").check()
+    keys = [key for ds in splits.values() for key in ds["key"]]
+    assert len(keys) == 24 and "zz9x.jpg" not in keys

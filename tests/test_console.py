@@ -55,7 +55,7 @@ def test_without_ckpt_path_a_run_starts_fresh_next_to_a_checkpoint(tmp_path, cap
     train(tiny(tmp_path, "trainer.max_steps=2", "callbacks.checkpoint.every_n_train_steps=2"))
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     capsys.readouterr()
-    train(tiny(tmp_path, "trainer.max_steps=3"))
+    train(tiny(tmp_path, "trainer.max_steps=3", "overwrite=true"))
     first_bar = re.search(r"step (\d+)/3 \|", capsys.readouterr().err)
     assert first_bar and first_bar.group(1) == "0"  # from step 0, not from the checkpoint's step 2
 

@@ -210,3 +210,63 @@ def test_sampler_reads_rank_and_world_size_from_torch_distributed(monkeypatch):
     assert [len(s) for s in shards] == [3, 3, 3]  # 7 batches, padded by repeating to 9: every rank runs 3 steps
     assert {i for s in shards for b in s for i in b} == set(range(13))
     assert all(len({buckets[i] for i in b}) == 1 for s in shards for b in s)
+
+
+# -- every image decoded in full before training; bad ones fail or are skipped ----------------------------------
+
+def cut_jpeg(path) -> None:
+    """A JPEG whose header is intact but whose body stops half-way (an interrupted download or copy)."""
+    Image.effect_noise((64, 64), 80).convert("RGB").save(path, format="JPEG", quality=95)
+    body = path.read_bytes()
+    path.write_bytes(body[: len(body) // 2])
+
+
+def test_a_cut_off_image_is_found_before_training(tmp_path):
+    root = write_folder(tmp_path / "data")
+    cut_jpeg(root / "1.png")
+    with Image.open(root / "1.png") as image:
+        image.verify()  # a header check passes: without decoding it all, it would crash mid-epoch
+    with pytest.raises(DataError, match=r"(?s)1 bad image\(s\) of 3:\n  .*1\.png: not a readable image \(OSError: "
+                                        r"image file is truncated.*Or set data.on_bad_sample=skip"):
+        image_data(str(root)).check()
+
+
+def test_an_image_smaller_than_the_smallest_bucket_is_named(tmp_path):
+    root = write_folder(tmp_path / "data", sizes=((40, 80), (1, 1), (60, 60)))
+    with pytest.raises(DataError, match=r"1\.png: 1x1 pixels \(HxW\) is smaller than the smallest bucket 32x64 \(no "
+                                        r"bucket side is under 32\); it would be upscaled 32\.0x"):
+        image_data(str(root)).check()
+
+
+def test_skip_leaves_bad_images_out_with_a_warning_each_and_a_count(tmp_path):
+    root = write_folder(tmp_path / "data", sizes=((40, 80), (80, 40), (60, 60), (1, 1)))
+    cut_jpeg(root / "1.png")
+    with pytest.warns(UserWarning) as warned:
+        table = image_data(str(root), on_bad_sample="skip").check()
+    assert table["prompt"] == ["caption 0 图片", "caption 2 图片"] and table["bucket"] == [(32, 64), (64, 64)]
+    messages = [str(w.message) for w in warned]
+    assert sum("skipped (data.on_bad_sample=skip)" in m for m in messages) == 2
+    assert any("1.png: not a readable image" in m for m in messages) and any("3.png: 1x1" in m for m in messages)
+    assert any("left out 2 of 4 images" in m for m in messages)
+
+
+def test_skip_keeps_the_matching_rows_of_an_embedded_dataset(tmp_path):
+    folder = write_folder(tmp_path / "imgs", sizes=((40, 80), (1, 1), (60, 60)))
+    ds = datasets.Dataset.from_dict({"image": [str(folder / f"{i}.png") for i in range(3)], "text": ["a", "b", "c"]})
+    ds.cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "data.parquet"))  # embeds the bytes
+    with pytest.warns(UserWarning, match="row 1"):
+        data = image_data(str(tmp_path / "data.parquet"), on_bad_sample="skip", batch_size=1)
+        data.setup()
+    batches = list(data.train_dataloader())
+    assert sorted(p for b in batches for p in b["prompt"]) == ["a", "c"]
+    assert {tuple(b["image"].shape[2:]) for b in batches} == {(32, 64), (64, 64)}  # each image with its own bucket
+
+
+def test_empty_data_is_an_error(tmp_path):
+    root = write_folder(tmp_path / "data")
+    (root / "metadata.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError, match="holds no images"):
+        image_data(str(root)).check()
+    write_folder(root, sizes=((1, 1),))
+    with pytest.warns(UserWarning), pytest.raises(DataError, match=r"all 1 images were left out as bad"):
+        image_data(str(root), on_bad_sample="skip").check()

@@ -6,15 +6,24 @@ On a fresh machine the first run builds the tiny model and writes the demo data 
 
 from __future__ import annotations
 
+import json
+
 from conftest import compose
+from safetensors import safe_open
 
 from finetune.run import train
 
 
-def demo_export(run_dir) -> bytes:
+def demo_export(run_dir) -> tuple[dict, dict]:
+    """The exported tensors (as bytes: bitwise) and the header metadata. The file's own bytes are not compared:
+    safetensors writes the metadata entries in an arbitrary order."""
     train(compose(["recipe=cogvideox_lora", "preset=tiny", "logger=csv", f"run_dir={run_dir}", "trainer.max_steps=3",
                    "callbacks.samples=null", "callbacks.checkpoint=null", "data.demo_count=4"]))
-    return (run_dir / "export" / "pytorch_lora_weights.safetensors").read_bytes()
+    with safe_open(str(run_dir / "export" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        tensors = {key: f.get_tensor(key).numpy().tobytes() for key in f.keys()}
+        metadata = {key: json.loads(value) if key == "lora_adapter_metadata" else value
+                    for key, value in f.metadata().items()}
+    return tensors, metadata
 
 
 def test_fresh_and_warm_cache_export_identical_adapters(tmp_path, monkeypatch):

@@ -93,6 +93,8 @@ class CogVLM(ModelFamily):
         template_version: base, chat or vqa; null takes the checkpoint's (base for cogvlm-base-490-hf).
     """
 
+    setting_ranges = {"max_new_tokens": ">=1"}  # checked by finetune.validate before anything is built
+
     def __init__(self, path: str = "THUDM/cogvlm-base-490-hf", tokenizer_path: str = "lmsys/vicuna-7b-v1.5",
                  dtype: str = "bf16", lora_targets: list[str] = ("language_expert_attention", "vit_attention"),
                  max_new_tokens: int = 10, prompt: str = "CAPTCHA:", template_version: str | None = None):
@@ -113,6 +115,16 @@ class CogVLM(ModelFamily):
         config = CogVLMConfig.from_pretrained(local)
         return CogVLMProcessor(load_tokenizer(local, tokenizer_path), prompt, template_version or config.template_version,
                                config.vision_config["image_size"], config.num_image_tokens, model_dir=local)
+
+    @classmethod
+    def trainable_module_names(cls, path: str = "THUDM/cogvlm-base-490-hf", **_) -> dict[str, str]:
+        """Qualified name -> class name of every submodule of the model, built from its config.json on the meta
+        device (no weights read, no memory): what `adapter.target_modules` and `adapter.modules` must match,
+        checked before the model loads (`finetune.validate.check_trainable_modules`)."""
+        local = resolve_pretrained(path, family="cogvlm", build_tiny=save_tiny_cogvlm, marker="config.json")
+        with torch.device("meta"):
+            model = CogVLMForCausalLM(CogVLMConfig.from_pretrained(local))
+        return {name: type(module).__name__ for name, module in model.named_modules() if name}
 
     def trainable_module(self) -> nn.Module:
         return self.model

@@ -1,0 +1,68 @@
+"""Checking every sample before the model loads: decoded in parallel, bad ones failed on or skipped.
+
+`check_all` runs a check on every item on a thread pool (PIL and the video decoders release the GIL while they
+decode), in order, with a progress bar for large sets; `BadSamples` applies `data.on_bad_sample`: `fail` stops
+with every bad file named (all of them, so one pass fixes them), `skip` warns once per file, leaves it out and
+says at the end how many were left out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, Literal, TypeVar
+
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+from finetune.data import DataError
+
+OnBadSample = Literal["fail", "skip"]
+PROGRESS_FROM = 500  # items; smaller sets are checked without a bar
+SHOWN = 20  # bad files listed in a `fail` message
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def check_all(items: Iterable[T], check: Callable[[T], R], total: int | None = None, what: str = "images",
+              workers: int | None = None) -> Iterator[R]:
+    """`check(item)` for every item, in order, on `workers` threads (default: the CPUs, at most 8). Items are
+    taken a chunk at a time, so a lazily read dataset is never held in memory whole."""
+    from tqdm.auto import tqdm
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    items = iter(items)
+    bar = tqdm(total=total, desc=f"checking {what}", unit=what.split()[-1][:5],
+               disable=(total or 0) < PROGRESS_FROM or rank_zero_only.rank != 0)
+    with ThreadPoolExecutor(max_workers=workers) as pool, bar:
+        while chunk := list(itertools.islice(items, 32 * workers)):
+            for result in pool.map(check, chunk):
+                bar.update()
+                yield result
+
+
+class BadSamples:
+    """Collects the problems of bad samples under `on_bad_sample` (`fail` or `skip`)."""
+
+    def __init__(self, on_bad_sample: str, what: str = "image"):
+        if on_bad_sample not in ("fail", "skip"):
+            raise DataError(f"data.on_bad_sample={on_bad_sample!r}: expected fail or skip.")
+        self.policy, self.what, self.problems = on_bad_sample, what, []
+
+    def add(self, problem: str) -> None:
+        """One bad sample: `problem` names the file, what is wrong and the fix. Warned at once under skip."""
+        self.problems.append(problem)
+        if self.policy == "skip":
+            rank_zero_warn(f"skipped (data.on_bad_sample=skip): {problem}")
+
+    def finish(self, checked: int, fix: str = "") -> None:
+        """Under `fail`, raise a DataError listing the bad samples; under `skip`, say how many were left out."""
+        if not self.problems:
+            return
+        count = len(self.problems)
+        if self.policy == "fail":
+            shown = "\n  ".join(self.problems[:SHOWN]) + (f"\n  ... and {count - SHOWN} more" if count > SHOWN else "")
+            raise DataError(f"{count} bad {self.what}(s) of {checked}:\n  {shown}\n{fix + ' ' if fix else ''}"
+                            f"Or set data.on_bad_sample=skip to train without them.")
+        rank_zero_warn(f"data.on_bad_sample=skip: left out {count} of {checked} {self.what}s (each named above).")

@@ -1,0 +1,98 @@
+"""Stop a run that has stopped learning anything: a non-finite loss or gradient.
+
+A NaN from a too-high learning rate poisons every later step; without a check the run trains to the end,
+exits 0 and exports NaN weights. `NonFiniteGuard` finds the first bad step and, by default, stops the run
+there (naming the step, its samples and the last good checkpoint) before any checkpoint or export holds the
+bad weights. `policy=skip` drops bad steps instead (the optimizer leaves every weight as it was) and stops
+after `max_skipped` of them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+
+class TrainingFailed(RuntimeError):
+    """The run produced nothing useful; the message says why and what to do."""
+
+
+class NonFiniteGuard(L.Callback):
+    """Args:
+        policy: `stop` (default): end the run at the first non-finite loss or gradient, exit non-zero, write no
+            checkpoint or export of the bad weights. `skip`: skip such steps (no weight or optimizer-state change)
+            and stop after `max_skipped` of them.
+        max_skipped: with `skip`, how many bad steps a run may skip before it stops.
+        check_every_n_steps: with `stop`, how often the flag is read on the host (0: every
+            `trainer.log_every_n_steps`, when Lightning reads the loss anyway). The flag itself is kept on the
+            device, so no step waits for the accelerator; checkpoints and exports always check first. `skip`
+            must decide before each update, so it reads the flag every step (as torch's GradScaler does).
+    """
+
+    def __init__(self, policy: str = "stop", max_skipped: int = 10, check_every_n_steps: int = 0):
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"callbacks.nonfinite.policy={policy!r}: use stop or skip")
+        self.policy, self.max_skipped, self.check_every_n_steps = policy, max_skipped, check_every_n_steps
+        self.skipped = 0
+        self._bad_step: torch.Tensor | None = None  # on the device: the first bad step, -1 while all is well
+        self._recent: deque[tuple[int, list]] = deque(maxlen=64)  # (step, sample keys) of recent steps
+
+    # -- the check, on the device --------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        if self.policy == "skip":
+            if not bool(finite):  # one host read per step: the price of deciding before the update
+                self._skip(trainer, optimizer)
+            return
+        step = torch.tensor(trainer.global_step, device=finite.device)
+        if self._bad_step is None:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=finite.device)
+        self._bad_step = torch.where((self._bad_step < 0) & ~finite, step, self._bad_step)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._recent.append((trainer.global_step, list(batch.get("key", []))[:8]))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        every = self.check_every_n_steps or trainer.log_every_n_steps or 1
+        if self.policy == "stop" and trainer.global_step % every == 0:
+            self.check(trainer)
+
+    # -- reading it: before anything is written, and at the end ---------------------------------------
+    def check(self, trainer: L.Trainer) -> None:
+        bad = -1 if self._bad_step is None else int(self._bad_step)
+        if bad >= 0:
+            raise TrainingFailed(self._message(trainer, bad))
+
+    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
+        self.check(trainer)  # no checkpoint of NaN weights
+
+    def on_train_end(self, trainer, module) -> None:
+        self.check(trainer)  # runs before the export callback (conf/callbacks/default.yaml lists it first)
+
+    def _skip(self, trainer: L.Trainer, optimizer) -> None:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = None  # torch optimizers leave a parameter without a gradient untouched
+        self.skipped += 1
+        keys = self._keys_at(trainer.global_step)
+        rank_zero_warn(f"step {trainer.global_step}: non-finite gradients (samples {keys}); skipped "
+                       f"({self.skipped} of at most {self.max_skipped}).")
+        if self.skipped > self.max_skipped:
+            raise TrainingFailed(self._message(trainer, trainer.global_step, skipped=True))
+
+    def _keys_at(self, step: int) -> list:
+        return next((keys for s, keys in reversed(self._recent) if s == step), [])
+
+    def _message(self, trainer: L.Trainer, step: int, skipped: bool = False) -> str:
+        checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none yet"
+        what = (f"more than {self.max_skipped} steps had non-finite gradients (the last at step {step})" if skipped
+                else f"the loss or gradients became non-finite (NaN/inf) at step {step}")
+        return (f"{what}, samples {self._keys_at(step)}. Nothing was exported from these weights. The last good "
+                f"checkpoint: {checkpoint}. Lower optimizer.lr, check those samples, or set "
+                f"callbacks.nonfinite.policy=skip to drop such steps.")
