@@ -8,7 +8,6 @@ resumably; validation and test batches keep the split's order.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,6 +23,19 @@ def raw_samples(rows: dict, generator: CaptchaGenerator | None) -> list[dict]:
     images = rows["image"] if "image" in rows else [generator.image(i) for i in rows["index"]]
     return [{"image": image.convert("RGB"), "label": str(label).strip(), "key": key}
             for image, label, key in zip(images, rows["label"], rows["key"])]
+
+
+class CaptchaSamples:
+    """A split's transform: a `datasets` batch of rows -> the family's processed samples. An object holding only what
+    it needs rather than a bound method of the data module: `datasets` fingerprints a transform by pickling it, and a
+    bound method would pickle the data module and, once Lightning attached it, the trainer and the model."""
+
+    def __init__(self, processor, generator: CaptchaGenerator | None, train: bool):
+        self.processor, self.generator, self.train = processor, generator, train
+
+    def __call__(self, rows: dict) -> dict:
+        samples = [self.processor(sample, train=self.train) for sample in raw_samples(rows, self.generator)]
+        return {name: [s[name] for s in samples] for name in samples[0]}
 
 
 class CaptchaDataModule(FamilyDataModule):
@@ -83,13 +95,9 @@ class CaptchaDataModule(FamilyDataModule):
     def setup(self, stage: str | None = None) -> None:
         splits = self.check()
         processor = self.require_processor()
-        self.datasets = {split: ds.with_transform(partial(self._process, train=split == "train"))
+        self.datasets = {split: ds.with_transform(CaptchaSamples(processor, self.generator, train=split == "train"))
                          for split, ds in splits.items()}
         self.collate = processor.collate
-
-    def _process(self, rows: dict, train: bool) -> dict:
-        samples = [self.processor(sample, train=train) for sample in raw_samples(rows, self.generator)]
-        return {name: [s[name] for s in samples] for name in samples[0]}
 
     def train_dataloader(self):
         from torchdata.stateful_dataloader import StatefulDataLoader
@@ -98,8 +106,8 @@ class CaptchaDataModule(FamilyDataModule):
         # video.py); its own generator keeps the loader's worker seeding off the global RNG.
         dataset = self.datasets["train"]
         return StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=ResumableShuffle(len(dataset), self.seed),
-                                  generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,
-                                  collate_fn=self.collate)
+                                  generator=torch.Generator().manual_seed(self.seed), collate_fn=self.collate,
+                                  **self.loader_options())
 
     def _eval_loader(self, split: str):
         from torch.utils.data import DataLoader

@@ -29,12 +29,15 @@ from PIL import Image
 
 from datamodules.buckets import BucketBatchSampler, make_buckets, nearest_bucket
 from datamodules.sample_checks import BadSamples, OnBadSample, check_all
+from datamodules.table import TableDataset
 from datamodules.textfiles import DataError, decode_utf8_lines
-from finetune.data import FamilyDataModule, ImageSpec
+from finetune.data import FamilyDataModule, ImageSpec, encoded_batch
 from finetune.hub import cache_root
 
 CAPTION_COLUMNS = ("text", "prompt", "caption")
 EXIF_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
+# How an image becomes pixels, part of every sample key (so of the encoded cache's keys): change it with the code.
+PREPROCESSING = "exif-transpose;rgb;resize=bicubic-cover;crop=centre;range=-1..1"
 
 
 def read_metadata(root: Path, caption_column: str | None) -> list[tuple[str, str, str]]:
@@ -125,7 +128,8 @@ def check_size(size: tuple[int, int], buckets: list[tuple[int, int]], described:
 
 
 def _source_key(source, caption: str, bucket: tuple[int, int]) -> str:
-    """Changes when the file (path, size, mtime; or the embedded bytes), the caption or the bucket changes."""
+    """Changes when the file (path, size, mtime; or the embedded bytes), the caption, the bucket or the preprocessing
+    changes: the encoded cache's key (finetune/cache.py)."""
     if isinstance(source, dict) and source.get("bytes"):
         origin = hashlib.sha256(source["bytes"]).hexdigest()[:32]
     else:
@@ -133,7 +137,8 @@ def _source_key(source, caption: str, bucket: tuple[int, int]) -> str:
         stat = path.stat()
         origin = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     text = hashlib.sha256(caption.encode("utf-8")).hexdigest()[:32]
-    return f"{origin}|{bucket[0]}x{bucket[1]}|{text}"
+    preprocessing = hashlib.sha256(PREPROCESSING.encode("utf-8")).hexdigest()[:12]
+    return f"{origin}|{bucket[0]}x{bucket[1]}|{text}|prep={preprocessing}"
 
 
 def resize_crop(image: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -182,6 +187,7 @@ class ImageDataModule(FamilyDataModule):
         self.batch_size, self.num_workers, self.seed, self.drop_last = batch_size, num_workers, seed, drop_last
         self.demo_count = demo_count
         self.table: dict | None = None
+        self.transform: ImageSamples | None = None  # the training dataset's (`setup`)
 
     # -- sources --------------------------------------------------------------------------------
     def _folder(self) -> Path | None:
@@ -288,31 +294,28 @@ class ImageDataModule(FamilyDataModule):
         return self.table
 
     def setup(self, stage: str | None = None) -> None:
-        import datasets
-
         table = self.check()
-        heights = [h for h, _ in table["bucket"]]
-        widths = [w for _, w in table["bucket"]]
         images = table["images"]
-        # file paths, or the source dataset's image column (embedded images stay in Arrow, on disk)
-        ds = datasets.Dataset.from_dict({"image": images}) if isinstance(images, list) else images
-        for name, values in (("prompt", table["prompt"]), ("key", table["key"]), ("height", heights),
-                             ("width", widths)):
+        columns = {"prompt": table["prompt"], "key": table["key"], "height": [h for h, _ in table["bucket"]],
+                   "width": [w for _, w in table["bucket"]]}
+        self.transform = ImageSamples(self.require_processor())
+        self.transform.encoded_reader = self.encoded_reader
+        if isinstance(images, list):  # file paths: a plain table (no `datasets` import, no Arrow copy)
+            self.dataset = TableDataset({"image": images, **columns}, self.transform)
+            return
+        ds = images  # the source dataset's image column: embedded images stay in Arrow, on disk
+        for name, values in columns.items():
             ds = ds.add_column(name, values)
-        self.dataset = ds.with_transform(self._decode)
+        self.dataset = ds.with_transform(self.transform)
 
-    def _decode(self, batch: dict) -> dict:
-        samples = []
-        for source, height, width, prompt, key in zip(batch["image"], batch["height"], batch["width"],
-                                                      batch["prompt"], batch["key"]):
-            try:
-                with _open(source) as image:
-                    pixels = resize_crop(image, height, width)
-            except Exception as err:  # a truncated body passes the header check: still name the file
-                raise DataError(f"{_describe(source, 'dataset row')}: cannot be decoded ({type(err).__name__}: "
-                                f"{err}). Re-save or remove it.") from None
-            samples.append(self.processor({"image": pixels, "prompt": prompt, "key": key}))
-        return {name: [s[name] for s in samples] for name in samples[0]}
+    def use_encoded(self, reader) -> None:
+        super().use_encoded(reader)
+        if self.transform is not None:
+            self.transform.encoded_reader = reader
+
+    def sample_index(self) -> list[tuple[str, tuple]]:
+        table = self.check()
+        return [(key, tuple(bucket)) for key, bucket in zip(table["key"], table["bucket"])]
 
     def bucket_sampler(self) -> BucketBatchSampler:
         return BucketBatchSampler(self.check()["bucket"], self.batch_size, seed=self.seed, drop_last=self.drop_last)
@@ -325,5 +328,32 @@ class ImageDataModule(FamilyDataModule):
         # Its own generator: the loader's per-epoch worker seed must not consume the global RNG that the
         # model's noise draws (restored on resume) come from.
         generator = torch.Generator().manual_seed(self.seed)
-        return StatefulDataLoader(self.dataset, batch_sampler=self.bucket_sampler(), num_workers=self.num_workers,
-                                  collate_fn=self.processor.collate, generator=generator)
+        return StatefulDataLoader(self.dataset, batch_sampler=self.bucket_sampler(), collate_fn=self.processor.collate,
+                                  generator=generator, **self.loader_options())
+
+
+class ImageSamples:
+    """The training dataset's transform: a batch of image rows -> processed samples, decoded (resized and cropped to
+    the row's bucket) or, once `encoded_reader` is set (`ImageDataModule.use_encoded`), their cached encodings read
+    by key. An object holding only what it needs rather than a bound method of the data module: `datasets`
+    fingerprints a transform by pickling it, and loaders pickle their dataset into spawned workers; a bound method
+    would take the data module with it and, once Lightning attached it, the trainer and the model."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.encoded_reader = None
+
+    def __call__(self, batch: dict) -> dict:
+        if self.encoded_reader is not None:
+            return encoded_batch(self.encoded_reader, batch["key"])
+        samples = []
+        for source, height, width, prompt, key in zip(batch["image"], batch["height"], batch["width"],
+                                                      batch["prompt"], batch["key"]):
+            try:
+                with _open(source) as image:
+                    pixels = resize_crop(image, height, width)
+            except Exception as err:  # a truncated body passes the header check: still name the file
+                raise DataError(f"{_describe(source, 'dataset row')}: cannot be decoded ({type(err).__name__}: "
+                                f"{err}). Re-save or remove it.") from None
+            samples.append(self.processor({"image": pixels, "prompt": prompt, "key": key}))
+        return {name: [s[name] for s in samples] for name in samples[0]}

@@ -11,7 +11,9 @@ frames are sampled evenly from its start, each frame is scaled (aspect kept) to 
 centre-cropped, then scaled to [-1, 1]. A batch holds one bucket only. For image-to-video
 (`spec.conditioning_image`) a sample also has `image`: the file the data names for the clip, resized and
 cropped the same way, else the clip's first sampled frame. Samples: `video` [F, 3, H, W], `prompt`, `key`
-(the encoded-cache key: the file, caption, bucket and conditioning image), and `image` [3, H, W].
+(the encoded-cache key: the file, caption, bucket, conditioning image and preprocessing), and `image` [3, H, W].
+Once the engine has encoded every sample (`finetune.cache`), the training samples are the cached encodings instead,
+read by key: no video is decoded during training.
 
 `check()` runs before the model loads and decodes, for every clip, the frames the run will use (in a thread
 pool, with a progress bar for many clips), so a truncated or corrupt file, a missing or undecodable image, an
@@ -34,12 +36,15 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from datamodules.textfiles import DataError
 from datamodules.video_buckets import VideoBatchSampler, bucket_volume, pick_bucket
 from datamodules.video_io import check_frames, count_frames, describe, read_frames, read_image
+from datamodules.table import TableDataset
 from datamodules.video_sources import (ClipRow, EmbeddedFile, has_list_layout, has_metadata, read_dataset,
                                        read_list_layout, read_metadata_layout)
-from finetune.data import FamilyDataModule, VideoSpec
+from finetune.data import FamilyDataModule, VideoSpec, encoded_batch
 from finetune.hub import cache_root
 
 PROGRESS_FROM = 32  # clips: fewer are checked without a progress bar
+# How a clip becomes pixels, part of every sample key (so of the encoded cache's keys): change it with the code.
+PREPROCESSING = "frames=stride-from-start;resize=bilinear-antialias-cover;crop=centre;range=-1..1;image=same"
 REENCODE = "Re-encode it, e.g. `ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4`, or remove it."
 
 
@@ -136,6 +141,7 @@ class VideoDataModule(FamilyDataModule):
         self.on_bad_sample, self.check_workers, self.demo_count = on_bad_sample, check_workers, demo_count
         self.records: list[dict] | None = None
         self.embedded: dict[str, object] = {}  # column datasets of embedded videos/images, by "video"/"image"
+        self.transform: ClipSamples | None = None  # the training dataset's (`setup`)
 
     def dataset_root(self) -> Path:
         if self.root == "demo":
@@ -251,7 +257,8 @@ class VideoDataModule(FamilyDataModule):
                 image_name = describe(image) if isinstance(image, str) else f"{row.image_where} (embedded image)"
                 raise DataError(f"{image_name}: conditioning image cannot be decoded ({type(err).__name__}: {err}). "
                                 f"Re-save it (PNG/JPEG/WebP) or remove it.") from None
-        key = [_origin(video), "x".join(map(str, bucket)), hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:32]]
+        key = [_origin(video), "x".join(map(str, bucket)), hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:32],
+               "prep=" + hashlib.sha256(PREPROCESSING.encode("utf-8")).hexdigest()[:12]]
         if with_image:
             key.append("image=" + (_origin(image) if image is not None else "first-frame"))
         # a path is kept as such; embedded bytes are read again from their dataset row when the clip is decoded
@@ -263,13 +270,65 @@ class VideoDataModule(FamilyDataModule):
 
     # -- setup, samples, loader -----------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        import datasets
-
         records = self.check()
         table = {name: [r[name] for r in records]
                  for name in ("video", "video_row", "image", "image_row", "frames", "prompt", "key")}
         table["bucket"] = [list(r["bucket"]) for r in records]
-        self.dataset = datasets.Dataset.from_dict(table).with_transform(self._decode)
+        self.transform = ClipSamples(self.require_processor(), self.embedded)
+        self.transform.encoded_reader = self.encoded_reader
+        self.dataset = TableDataset(table, self.transform)
+
+    def use_encoded(self, reader) -> None:
+        super().use_encoded(reader)
+        if self.transform is not None:
+            self.transform.encoded_reader = reader
+
+    def sample_index(self) -> list[tuple[str, tuple]]:
+        return [(r["key"], tuple(r["bucket"])) for r in self.check()]
+
+    def bucket_sampler(self, num_replicas: int | None = None, rank: int | None = None) -> VideoBatchSampler:
+        return VideoBatchSampler([r["bucket"] for r in self.check()], self.batch_size, seed=self.seed,
+                                 drop_last=self.drop_last, num_replicas=num_replicas, rank=rank)
+
+    def train_dataloader(self):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        self._refuse_injected_sampler()
+        # Stateful: the batch sampler's position is saved with checkpoints, so a resumed run continues
+        # mid-epoch with the batches an uninterrupted run would see.
+        # Its own generator: the loader's per-epoch worker seed must not consume the global RNG that
+        # the model's noise draws (restored on resume) come from.
+        generator = torch.Generator().manual_seed(self.seed)
+        return StatefulDataLoader(self.dataset, batch_sampler=self.bucket_sampler(), collate_fn=self.processor.collate,
+                                  generator=generator, **self.loader_options())
+
+    def _refuse_injected_sampler(self) -> None:
+        """With several processes Lightning would replace the batch sampler's sharding by its own sampler (and
+        cannot, for a batch sampler): the recipe must leave the sharding to it."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return
+        if getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", False):
+            raise DataError("trainer.use_distributed_sampler=true with several processes: VideoDataModule's batch "
+                            "sampler shards whole batches across ranks itself. Set trainer.use_distributed_sampler="
+                            "false in the recipe (or on the command line).")
+
+
+class ClipSamples:
+    """The training dataset's transform: a batch of clip rows -> processed samples, decoded (frames sampled, resized
+    and cropped, the conditioning image) or, once `encoded_reader` is set (`VideoDataModule.use_encoded`), their
+    cached encodings read by key. An object holding only what it needs rather than a bound method of the data
+    module: a loader pickles its dataset into each worker process under the spawn and forkserver start methods, and
+    a bound method would take the data module with it and, once Lightning attached it, the trainer and the model."""
+
+    def __init__(self, processor, embedded: dict):
+        self.processor, self.embedded = processor, embedded
+        self.encoded_reader = None
+
+    def __call__(self, batch: dict) -> dict:
+        if self.encoded_reader is not None:
+            return encoded_batch(self.encoded_reader, batch["key"])
+        return self._decode(batch)
 
     def _media(self, kind: str, path: str | None, row: int):
         if path is not None:
@@ -297,30 +356,3 @@ class VideoDataModule(FamilyDataModule):
                 sample["image"] = video[0] if image is None else resize_crop(read_image(image)[None], height, width)[0]
             samples.append(self.processor(sample))
         return {name: [s[name] for s in samples] for name in samples[0]}
-
-    def bucket_sampler(self, num_replicas: int | None = None, rank: int | None = None) -> VideoBatchSampler:
-        return VideoBatchSampler([r["bucket"] for r in self.check()], self.batch_size, seed=self.seed,
-                                 drop_last=self.drop_last, num_replicas=num_replicas, rank=rank)
-
-    def train_dataloader(self):
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
-        self._refuse_injected_sampler()
-        # Stateful: the batch sampler's position is saved with checkpoints, so a resumed run continues
-        # mid-epoch with the batches an uninterrupted run would see.
-        # Its own generator: the loader's per-epoch worker seed must not consume the global RNG that
-        # the model's noise draws (restored on resume) come from.
-        generator = torch.Generator().manual_seed(self.seed)
-        return StatefulDataLoader(self.dataset, batch_sampler=self.bucket_sampler(), num_workers=self.num_workers,
-                                  collate_fn=self.processor.collate, generator=generator)
-
-    def _refuse_injected_sampler(self) -> None:
-        """With several processes Lightning would replace the batch sampler's sharding by its own sampler (and
-        cannot, for a batch sampler): the recipe must leave the sharding to it."""
-        trainer = self.trainer
-        if trainer is None or trainer.world_size <= 1:
-            return
-        if getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", False):
-            raise DataError("trainer.use_distributed_sampler=true with several processes: VideoDataModule's batch "
-                            "sampler shards whole batches across ranks itself. Set trainer.use_distributed_sampler="
-                            "false in the recipe (or on the command line).")

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from finetune.family import GenerationRequest
 from finetune.guards import TrainingFailed
+from finetune.loggers import log_metrics
 from finetune.media import log_samples, save_samples
 
 
@@ -72,8 +73,10 @@ class ValidationSamples(L.Callback):
         was_training = module.training
         module.eval()
         # All ranks generate (sharded strategies need every rank in the forward); rank zero writes.
-        # Sampling draws its noise from its own generators; keep the training draws untouched.
-        with full_parameters(trainer, module), torch.random.fork_rng(devices=[]), torch.no_grad():
+        # Sampling draws its noise from its own generators; keep the training draws untouched. The pipeline runs
+        # the encoders that training from the encoded cache keeps on the CPU: they come to the device meanwhile.
+        with (full_parameters(trainer, module), module.encoders_on_device(), torch.random.fork_rng(devices=[]),
+              torch.no_grad()):
             samples = module.family.generate(self.requests, seed=self.seed, **self.generate_kwargs)
         module.train(was_training)
         if trainer.is_global_zero:
@@ -160,31 +163,16 @@ def publish(staging: Path, directory: Path) -> None:
 
 class TrainingStats(L.Callback):
     """Logs throughput (`train/samples_per_sec`, `train/step_time_s`) and memory (`train/peak_memory_gb`:
-    CUDA peak allocated on GPU, peak resident set size on CPU) every `log_every_n_steps` optimizer steps, and
-    the learning rate (`train/lr`) every `trainer.log_every_n_steps` steps, as Lightning logs the loss.
-    Without a logger (`logger=none`) it logs nothing."""
+    CUDA peak allocated on GPU, peak resident set size on CPU) every `log_every_n_steps` optimizer steps (the
+    module logs `train/loss` and `train/lr`). Without a logger (`logger=none`) it logs nothing."""
 
     def __init__(self, log_every_n_steps: int = 10):
         self.log_every_n_steps = log_every_n_steps
         self._start, self._samples, self._from_step = None, 0, 0
-        self._lr_step = -1
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if self._start is None:
             self._start, self._samples, self._from_step = time.perf_counter(), 0, trainer.global_step
-        self._log_lr(trainer)
-
-    def _log_lr(self, trainer: L.Trainer) -> None:
-        """The rate the coming optimizer step uses (its scheduler steps after it), under the step index that
-        step's `train/loss` gets; once per step under gradient accumulation. Logged here rather than by
-        Lightning's LearningRateMonitor, which refuses to run without a logger."""
-        step, every = trainer.global_step, trainer.log_every_n_steps
-        if not trainer.loggers or not trainer.optimizers or not every or (step + 1) % every or step == self._lr_step:
-            return
-        self._lr_step = step
-        lr = float(trainer.optimizers[0].param_groups[0]["lr"])
-        for logger in trainer.loggers:
-            logger.log_metrics({"train/lr": lr}, step=step)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._samples += len(batch["key"]) * trainer.world_size
@@ -196,8 +184,7 @@ class TrainingStats(L.Callback):
         elapsed = time.perf_counter() - self._start
         metrics = {"train/samples_per_sec": self._samples / elapsed, "train/step_time_s": elapsed / steps,
                    "train/peak_memory_gb": _peak_memory_gb(module.device)}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        log_metrics(trainer, metrics, trainer.global_step - 1)  # the index of the window's last step, as its loss
         self._start = None
 
 

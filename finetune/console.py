@@ -23,6 +23,10 @@ KNOWN_WARNINGS = [
     # dropout in what is not trained.
     (r"Found \d+ module\(s\) in eval mode at the start of training", PossibleUserWarning,
      r"lightning\.pytorch\.loops\.fit_loop"),
+    # The kit logs by optimizer step across epochs (finetune/loggers.py), so an epoch shorter than
+    # trainer.log_every_n_steps loses no log line; Lightning assumes its per-epoch counting.
+    (r"The number of training batches \(\d+\) is smaller than the logging interval", PossibleUserWarning,
+     r"lightning\.pytorch\.loops\.fit_loop"),
     # torchdata's StatefulDataLoader (resumable data order) calls an API torch deprecated; fixed upstream.
     (r"'set_vital' is deprecated, please do not call", UserWarning,
      r"torchdata\.stateful_dataloader\.stateful_dataloader"),

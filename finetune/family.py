@@ -5,9 +5,10 @@ trains. Everything model-specific -- what a sample must look like, loading, the 
 evaluation, export -- sits in one subclass of `ModelFamily` per family under `recipes/`.
 
 Required: `trainable_module`, `encode`, `training_loss`, `export`. Optional: `data_processor` (what the data
-must look like, before any weights load), `cache_namespace` (encodings may be cached), `generate`
-(validation samples), `evaluate` (metrics and per-sample rows on a validation batch), `load_adapter`
-(start from or evaluate an export).
+must look like, before any weights load), `cache_namespace` (encodings are computed once and cached:
+`finetune/cache.py`) with `encoders` (what only encoding needs, kept off the accelerator while training reads the
+cache), `generate` (validation samples), `evaluate` (metrics and per-sample rows on a validation batch),
+`load_adapter` (start from or evaluate an export).
 """
 
 from __future__ import annotations
@@ -99,9 +100,19 @@ class ModelFamily(nn.Module, ABC):
     def export(self, directory: str | os.PathLike, adapter) -> Path:
         """Write what `adapter` trained in the format the ecosystem loads; returns the written file or folder."""
 
-    def cache_namespace(self) -> str:
-        """Identifies everything `encode` depends on besides the sample (model, dtype, resolution)."""
-        raise NotImplementedError(f"{type(self).__name__} does not support a latent cache")
+    def cache_namespace(self) -> str | None:
+        """Everything `encode` depends on besides the sample (the model and its encoders' files, dtype, sizes,
+        preprocessing settings): with one, the engine encodes every training sample once before training and trains
+        on the cached encodings (`module.cache`). None (the default): `encode` runs every step (a family without
+        frozen encoders, whose `encode` returns the batch)."""
+        return None
+
+    def encoders(self) -> list[nn.Module]:
+        """The frozen submodules (attributes of the family) that only `encode` runs, e.g. the VAE and the text
+        encoder. While training reads cached encodings the engine keeps them on the CPU, out of the module tree that
+        the strategy moves and wraps; it brings them to the accelerator for the precompute pass and for `generate`.
+        A module `training_loss` also runs (an image-to-video VAE encoding its noisy image each step) is not one."""
+        return []
 
     def generate(self, requests: list[GenerationRequest], seed: int, **kwargs) -> list[Sample]:
         """Validation samples from the current weights; request i uses seed + i."""

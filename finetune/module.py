@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from pathlib import Path
+from typing import Callable, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from finetune.adapters import Full, LoRA
-from finetune.cache import EncodedCache
-from finetune.checkpointing import CheckpointError, identity_differences
+from finetune.cache import EncodedCache, precompute
+from finetune.checkpointing import CheckpointError, identity_differences, kit_version
 from finetune.family import ModelFamily
 from finetune.guards import TrainingFailed
+from finetune.hub import cache_root, global_rng_untouched
+from finetune.loggers import RunningMean, is_logging_step, log_metrics
 
 
 class FinetuneModule(L.LightningModule):
@@ -23,12 +28,17 @@ class FinetuneModule(L.LightningModule):
         optimizer: a partial optimizer, called with the trainable parameters.
         lr_scheduler: a partial schedule, called with the optimizer and `total_steps`.
         enable_gradient_checkpointing: recompute activations in backward: less memory, ~30% slower.
-        cache_dir: if set, keep the frozen encoders' outputs on disk (see `finetune.cache`).
+        cache: `on`: before training, encode every sample once (the family's `encode`: VAE posterior, text
+            embeddings) into `cache_dir`, then train on the cached encodings with the encoders off the accelerator
+            (`finetune.cache`); `off`: decode and encode every batch each step. Families without a `cache_namespace`
+            (no frozen encoder, e.g. CogVLM) and data modules without a `sample_index` always do the latter.
+        cache_dir: where the encodings are kept; None: `<kit cache root>/encoded` ($COGFT_CACHE, by default
+            ~/.cache/cog-finetune). Runs share it: entries are keyed by everything they depend on.
     """
 
     def __init__(self, family: ModelFamily, adapter: LoRA | Full, optimizer: Callable,
                  lr_scheduler: Callable | None = None, enable_gradient_checkpointing: bool = False,
-                 cache_dir: str | None = None):
+                 cache: Literal["on", "off"] | bool = "on", cache_dir: str | None = None):
         super().__init__()
         self.family = family
         self.adapter = adapter
@@ -37,12 +47,16 @@ class FinetuneModule(L.LightningModule):
         adapter.apply(family.trainable_module(), family.lora_target_modules)
         if enable_gradient_checkpointing:
             family.enable_gradient_checkpointing()
-        self.cache = EncodedCache(cache_dir, family.cache_namespace()) if cache_dir else None
+        self.cache = encoded_cache(family, cache, cache_dir)
+        self.encodes_once = False  # decided in `setup`: the cache is on and the data module indexes its samples
+        self.reads_encoded = False  # True once the data module yields cached encodings (`on_fit_start`)
+        self.parked: dict[str, torch.nn.Module] = {}  # the family's encoders, kept out of the module tree
         # Checkpoints hold only trainable weights; the frozen base comes from model.path again.
         self.strict_loading = False
         #: what this run trains (recipe, model, adapter, kit version: `finetune.checkpointing.run_identity`)
         self.identity: dict = {}
         self.batches_trained = 0  # in this process (a resumed run starts at 0): a run that trained none failed
+        self.train_loss = RunningMean()  # on the device: read on the logging cadence only (`optimizer_step`)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -54,15 +68,110 @@ class FinetuneModule(L.LightningModule):
         names = {name for name, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
 
+    # -- encode once (finetune/cache.py) ----------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Before the strategy moves (wraps, shards) the module: the encoders only the precompute pass needs leave it.
+        self.encodes_once = stage == "fit" and self.cache is not None and self._indexed(self.trainer.datamodule)
+        if self.encodes_once:
+            self._park(self.family.encoders())
+
+    def on_fit_start(self) -> None:
+        # After the strategy set up (the module on its device, the processes connected), before any batch is loaded.
+        if self.encodes_once:
+            self.encode_once(self.trainer.datamodule)
+
+    def teardown(self, stage: str) -> None:
+        self._unpark()
+
+    def encode_once(self, datamodule) -> None:
+        """Encode every training sample the cache lacks (each rank its share, with the encoders on this rank's device
+        and in the training precision; the run's random state untouched), then have the data module yield the
+        cached encodings: from here on no media is decoded and no encoder runs."""
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        from finetune.callbacks import full_parameters
+
+        trainer = self.trainer
+        datamodule.use_encoded(None)
+
+        def encode(batch: dict) -> dict:
+            return self.family.encode(move_data_to_device(batch, self.device))
+
+        # whole parameters under FSDP/ZeRO-3 (an image-to-video VAE stays in the sharded module tree)
+        with (full_parameters(trainer, self), self.encoders_on_device(), global_rng_untouched(),
+              trainer.precision_plugin.forward_context()):
+            precompute(self.cache, datamodule, encode, rank=trainer.global_rank, world_size=trainer.world_size,
+                       barrier=trainer.strategy.barrier, progress=trainer.is_global_zero)
+        datamodule.use_encoded(self.cache.read)
+        self.reads_encoded = True
+
+    def _indexed(self, datamodule) -> bool:
+        if datamodule is not None and getattr(datamodule, "sample_index", lambda: None)() is not None:
+            return True
+        what = type(datamodule).__name__ if datamodule is not None else "a dataloader without a data module"
+        rank_zero_info(f"module.cache=on: {what} does not index its samples (sample_index); every batch is decoded "
+                       f"and encoded each step.")
+        return False
+
+    def _park(self, encoders: list[torch.nn.Module]) -> None:
+        """The family's encoders out of the module tree, on the CPU: the strategy never moves, wraps or shards them.
+        They stay attributes of the family (and of its pipeline), by the same name."""
+        for name, child in list(self.family._modules.items()):
+            if any(child is encoder for encoder in encoders):
+                del self.family._modules[name]
+                object.__setattr__(self.family, name, child.to("cpu"))
+                self.parked[name] = child
+
+    def _unpark(self) -> None:
+        for name, child in self.parked.items():
+            del self.family.__dict__[name]
+            self.family._modules[name] = child
+        self.parked = {}
+
+    @contextlib.contextmanager
+    def encoders_on_device(self):
+        """The parked encoders on this module's device while they run (the precompute pass, validation samples),
+        back on the CPU afterwards."""
+        device = self.device
+        for encoder in self.parked.values():
+            encoder.to(device)
+        try:
+            yield
+        finally:
+            for encoder in self.parked.values():
+                encoder.to("cpu")
+            if device.type == "cuda" and self.parked:
+                torch.cuda.empty_cache()
+
     def encode(self, batch: dict) -> dict:
-        if self.cache is not None:
-            return self.cache.get_or_encode(batch, self.family.encode)
-        return self.family.encode(batch)
+        """The family's encodings of a batch: the batch itself when the data module reads them from the cache."""
+        return batch if self.reads_encoded else self.family.encode(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.family.training_loss(self.encode(batch))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["key"]))
+        # Not `self.log`: Lightning's result collection costs ~1 ms of Python a step, and its progress-bar copy reads
+        # the loss back from the device (a host-device sync) every step. Logged on the cadence in `optimizer_step`.
+        self.train_loss.add(loss)
         return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        step = self.trainer.global_step  # this step's index: Lightning counts the step after this hook
+        if is_logging_step(self.trainer, step):
+            self.log_train_loss(step)
+
+    def log_train_loss(self, step: int) -> None:
+        """`train/loss` (the mean loss of the steps since the last logged one) and `train/lr` (the rate this step
+        used; its scheduler steps after it) to the loggers and, before the callbacks' `on_train_batch_end`, the loss
+        to the progress bar and `trainer.callback_metrics` (checkpoint monitors)."""
+        loss = self.train_loss.pop()
+        if loss is None:
+            return
+        trainer = self.trainer
+        log_metrics(trainer, {"train/loss": loss, "train/lr": float(trainer.optimizers[0].param_groups[0]["lr"])},
+                    step)
+        trainer.progress_bar_metrics["train/loss"] = loss
+        trainer.callback_metrics["train/loss"] = torch.tensor(loss)
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         self.batches_trained += 1
@@ -127,3 +236,14 @@ class FinetuneModule(L.LightningModule):
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def encoded_cache(family: ModelFamily, cache: str | bool, cache_dir: str | None) -> EncodedCache | None:
+    """Where a run's encodings are kept (`module.cache`, `module.cache_dir`); None when every step encodes."""
+    if cache not in ("on", "off", True, False):
+        raise ValueError(f"module.cache={cache!r}: use on (encode every sample once, then train from the cache) or off")
+    namespace = family.cache_namespace()
+    if cache in ("off", False) or namespace is None:
+        return None
+    directory = Path(cache_dir).expanduser() if cache_dir else cache_root() / "encoded"
+    return EncodedCache(directory, f"{namespace}|kit={kit_version()}")

@@ -16,6 +16,8 @@ from lightning.pytorch.callbacks import ProgressBar
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from finetune.loggers import is_logging_step
+
 
 def console_loggers() -> list[logging.Logger]:
     """The loggers that print the kit's `rank_zero_info` lines (samples written, export) to the terminal:
@@ -31,6 +33,9 @@ def _prints_to_console(handler: logging.Handler) -> bool:
 
 class StepProgressBar(ProgressBar):
     """`step 12/40 |███  | 30% [00:04<00:09, 2.90step/s, train/loss=0.8123]` on rank zero, during `fit` only.
+
+    The loss shown is the last logged one (the mean since the one before), refreshed every `trainer.log_every_n_steps`
+    steps and at the last step.
 
     Starts at the resumed step when resuming. While the trainer validates (recipes with a val split), the bar
     says so in its description instead of opening a second bar. `mode=test` shows no bar (Lightning prints the
@@ -72,7 +77,10 @@ class StepProgressBar(ProgressBar):
         # With gradient accumulation several batches make one step: the bar moves when the step does.
         if self.bar is None or trainer.global_step == self.bar.n:
             return
-        self.bar.set_postfix(_postfix(trainer.progress_bar_metrics), refresh=False)
+        if is_logging_step(trainer, trainer.global_step - 1):
+            # The loss changes on the logging cadence only (finetune/loggers.py): reading the metrics every step
+            # would cost Python work, and for a metric logged on the device a wait for it.
+            self.bar.set_postfix(_postfix(trainer.progress_bar_metrics), refresh=False)
         self.bar.update(trainer.global_step - self.bar.n)
 
     def on_validation_start(self, trainer, module) -> None:

@@ -133,5 +133,5 @@ def finish_loggers(trainer: L.Trainer) -> None:
     """Close the W&B run (also after a crash), so its files are complete for `wandb sync` and a later
     run in the same process starts a new run instead of appending to this one."""
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
+        if isinstance(logger, WandbLogger) and (logger._experiment is not None or getattr(logger, "starting", False)):
+            logger.experiment.finish()  # a run still starting in the background (finetune/loggers.py) is waited for

@@ -121,6 +121,7 @@ class CogVideoX(DiffusersFamily):
         self.attach_pipeline(pipeline)
         # The training scheduler of the official finetune; same alphas as the shipped DDIM config.
         self.scheduler = diffusers.CogVideoXDPMScheduler.from_config(pipeline.scheduler.config)
+        self.enable_vae_tiling = enable_vae_tiling
         if enable_vae_tiling:
             self.vae.enable_slicing()
             self.vae.enable_tiling()
@@ -149,8 +150,9 @@ class CogVideoX(DiffusersFamily):
         return Processor(VideoSpec(buckets=video_buckets(num_frames, height, width, buckets, config)))
 
     def cache_namespace(self) -> str:
-        return (f"{self.family_name}|{self.path}|{self.dtype_name}|{self.height}x{self.width}x{self.num_frames}"
-                f"|{self.buckets}|{self.max_sequence_length}")
+        return (f"{self.family_name}|{self.path}|encoders={self.encoder_files()}|{self.dtype_name}"
+                f"|{self.height}x{self.width}x{self.num_frames}|{self.buckets}|{self.max_sequence_length}"
+                f"|vae_tiling={self.enable_vae_tiling}")
 
     # -- frozen encoders ------------------------------------------------------------------------
     @torch.no_grad()

@@ -42,7 +42,7 @@ class CogVideoXImageToVideo(CogVideoX):
     Args:
         image_dropout: probability that a sample trains without its image (zeros), as the diffusers example (0.05);
             keeps the model usable with a weak or no image; 0 turns it off.
-        cache_image_latents: encode the clean image once in `encode` (cached with `module.cache_dir`) instead of
+        cache_image_latents: encode the clean image once in `encode` (cached with the other encodings) instead of
             the noise-augmented image every step. Deviates from the official objective (no noise augmentation):
             saves one VAE image encode per step.
     """
@@ -68,6 +68,10 @@ class CogVideoXImageToVideo(CogVideoX):
 
     def cache_namespace(self) -> str:
         return f"{super().cache_namespace()}|image_latents={self.cache_image_latents}"
+
+    def encoders(self) -> list:
+        """The text encoder; the VAE too with `cache_image_latents` (else it encodes the noisy image every step)."""
+        return [self.vae, self.text_encoder] if self.cache_image_latents else [self.text_encoder]
 
     @torch.no_grad()
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:

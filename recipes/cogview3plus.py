@@ -62,7 +62,7 @@ class CogView3Plus(DiffusersFamily):
                             max_side=max_side, bucket_multiple=bucket_multiple, max_pixels=max_pixels)
         self.path, self.dtype_name = path, dtype
         self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
-        local = resolve_pretrained(path, family="cogview3plus", build_tiny=save_tiny_cogview3plus)
+        local = self.checkpoint_dir = resolve_pretrained(path, family="cogview3plus", build_tiny=save_tiny_cogview3plus)
         self.attach_pipeline(CogView3PlusPipeline.from_pretrained(local, dtype=parse_dtype(dtype)))
         self.scheduler = CogVideoXDDIMScheduler.from_config(self.pipe.scheduler.config)
         if self.scheduler.config.prediction_type != "v_prediction":
@@ -83,7 +83,7 @@ class CogView3Plus(DiffusersFamily):
                                max_pixels)
 
     def cache_namespace(self) -> str:
-        return f"cogview3plus|{self.path}|{self.dtype_name}|{self.max_sequence_length}"
+        return f"cogview3plus|{self.path}|encoders={self.encoder_files()}|{self.dtype_name}|{self.max_sequence_length}"
 
     @torch.no_grad()
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -98,8 +98,8 @@ class CogView4(DiffusersFamily):
             trainable parameters are always kept in fp32.
         height, width: size of the validation samples (training sizes come from the data's buckets).
         max_sequence_length: GLM tokens kept per prompt (the pipeline's limit is 1024). Embeddings are
-            stored padded to this length (rounded up to 16): with `module.cache_dir` that is
-            `length x 4096 x 2` bytes per sample in bf16 (8 MiB at 1024); lower it if captions are short.
+            stored padded to this length (rounded up to 16) in the encoded cache: `length x 4096 x 2` bytes per
+            sample in bf16 (8 MiB at 1024); lower it if captions are short.
         sigma_sampling: `uniform` (CogKit: t ~ U{0..999}) or `logit_normal` (SD3; more weight mid-noise).
         logit_mean, logit_std: the logit-normal density's parameters.
         loss_weighting: `none` (CogKit: plain MSE) or `cosmap` (SD3's weighting on the shifted sigma).
@@ -129,7 +129,7 @@ class CogView4(DiffusersFamily):
         self.path, self.dtype_name = path, dtype
         self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
         self.text_pad_length = round_up(max_sequence_length)
-        local = resolve_pretrained(path, family="cogview4", build_tiny=save_tiny_cogview4)
+        local = self.checkpoint_dir = resolve_pretrained(path, family="cogview4", build_tiny=save_tiny_cogview4)
         self.attach_pipeline(CogView4Pipeline.from_pretrained(local, dtype=parse_dtype(dtype)))
         install_masked_attention(self.transformer)
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
@@ -154,7 +154,7 @@ class CogView4(DiffusersFamily):
                                max_pixels)
 
     def cache_namespace(self) -> str:
-        return f"cogview4|{self.path}|{self.dtype_name}|text{self.max_sequence_length}"
+        return f"cogview4|{self.path}|encoders={self.encoder_files()}|{self.dtype_name}|text{self.max_sequence_length}"
 
     # -- frozen encoders ------------------------------------------------------------------------
     @torch.no_grad()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from finetune.adapters import LoRA
+from finetune.cache import files_fingerprint
 from finetune.family import GenerationRequest, ModelFamily, Sample
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -32,6 +33,18 @@ class DiffusersFamily(ModelFamily):
 
     def trainable_module(self) -> nn.Module:
         return self.transformer
+
+    #: the local checkpoint folder the pipeline was loaded from (None: components built in memory)
+    checkpoint_dir: str | None = None
+
+    def encoders(self) -> list[nn.Module]:
+        """The VAE and the text encoder: with cached encodings training runs neither (validation samples do)."""
+        return [self.vae, self.text_encoder]
+
+    def encoder_files(self) -> str:
+        """The encoders' files in the checkpoint (VAE, text encoder, tokenizer) as a digest, for `cache_namespace`:
+        a rebuilt tiny model or another snapshot under the same path is another model."""
+        return files_fingerprint(self.checkpoint_dir, ("model_index.json", "vae", "text_encoder", "tokenizer"))
 
     @classmethod
     def trainable_module_names(cls, path: str, **_) -> dict[str, str] | None:

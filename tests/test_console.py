@@ -28,6 +28,7 @@ KNOWN_WARNINGS = [
     r"The anonymous setting has no effect",
     r"litlogger",
     r"Epoch \d+/-\d+",                                     # Lightning's per-epoch bar with max_epochs=-1
+    r"smaller than the logging interval",                  # Lightning counts per epoch; the kit logs by step
 ]
 
 # Warnings that stay, and why: each tells the user something to do.

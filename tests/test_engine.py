@@ -1,40 +1,15 @@
-"""Engine pieces shared by every family: encoded cache, schedules, adapters, DDP."""
+"""Engine pieces shared by every family: schedules, adapters, DDP (the encoded cache: tests/test_cache.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import compose
-from test_cogvideox_objective import fixed_batch, tiny_family
+from test_cogvideox_objective import tiny_family
 
-from finetune.adapters import Full, LoRA
-from finetune.module import FinetuneModule
+from finetune.adapters import Full
 from finetune.run import train
 from finetune.schedules import warmup_schedule
-
-
-def test_encoded_cache_skips_the_encoders_and_keeps_the_loss(tiny_cogvideox, tmp_path):
-    module = FinetuneModule(tiny_family(), LoRA(rank=4, alpha=4), optimizer=lambda p: torch.optim.AdamW(p),
-                            cache_dir=str(tmp_path))
-    batch = fixed_batch()
-    calls = []
-    encode = module.family.encode
-    module.family.encode = lambda b: calls.append(1) or encode(b)
-    losses = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        losses.append(module.family.training_loss(module.encode(batch)).item())
-    assert len(calls) == 1  # the second pass read the cache
-    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
-    assert len(list(tmp_path.rglob("*.safetensors"))) == 2  # one file per sample
-    # a different resolution is a different namespace, never a stale hit
-    other = FinetuneModule(tiny_family(), LoRA(rank=4, alpha=4), optimizer=lambda p: torch.optim.AdamW(p),
-                           cache_dir=str(tmp_path))
-    other.family.height = 48
-    assert other.family.cache_namespace() != module.family.cache_namespace()
-    # and so is another dtype: fp16 latents are not reused by a bf16 run
-    other.family.height, other.family.dtype_name = module.family.height, "bf16"
-    assert other.family.cache_namespace() != module.family.cache_namespace()
 
 
 @pytest.mark.parametrize("name", ["constant", "cosine"])
@@ -71,13 +46,15 @@ def test_full_finetune_selects_modules(tiny_cogvideox):
 
 
 def test_ddp_spawn_on_two_cpu_processes(tmp_path):
-    """DDP with gloo on CPU: both ranks train, rank zero exports once."""
+    """DDP with gloo on CPU: each rank encodes its half of the samples into the (empty) cache, both train from it,
+    rank zero exports once."""
     cfg = compose(["recipe=cogvideox_lora", "preset=tiny", "logger=csv", f"run_dir={tmp_path}", "strategy=ddp_spawn",
                    "trainer.devices=2", "trainer.max_steps=2", "callbacks.samples.every_n_steps=0",
-                   "callbacks.samples.at_end=false", "data.demo_count=4"])
+                   "callbacks.samples.at_end=false", "data.demo_count=4", f"module.cache_dir={tmp_path}/encoded"])
     train(cfg)
     assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").exists()
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert len(list((tmp_path / "encoded").rglob("*.safetensors"))) == 4
 
 
 def test_image_samples_are_saved_and_logged_to_wandb(tmp_path, monkeypatch):

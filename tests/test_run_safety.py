@@ -21,8 +21,9 @@ from finetune.run import train
 
 
 def tiny(run_dir, *extra: str):
+    # log_every_n_steps=1: a CSV row per step (the resume test counts them); the default logs every 10 steps.
     return compose(["recipe=cogvideox_lora", "preset=tiny", "logger=csv", f"run_dir={run_dir}", "data.demo_count=4",
-                    "callbacks.samples=null", "trainer.max_steps=4", *extra])
+                    "callbacks.samples=null", "trainer.max_steps=4", "trainer.log_every_n_steps=1", *extra])
 
 
 class PoisonStep(L.Callback):
@@ -30,7 +31,7 @@ class PoisonStep(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == 2:
-            batch["video"].fill_(float("nan"))
+            batch["video" if "video" in batch else "latent_mean"].fill_(float("nan"))  # decoded, or from the cache
 
 
 POISON = "+callbacks.poison._target_=test_run_safety.PoisonStep"

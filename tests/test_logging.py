@@ -1,0 +1,62 @@
+"""Training metrics on a cadence (finetune/loggers.py, FinetuneModule.log_train_loss) and W&B's background start."""
+
+from __future__ import annotations
+
+import csv
+
+import lightning as L
+import pytest
+import torch
+from conftest import compose
+
+from finetune.loggers import RunningMean, wandb_logger
+from finetune.run import train
+
+
+class StepLosses(L.Callback):
+    """The loss `training_step` returned at each optimizer step."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_the_loss_is_logged_every_n_steps_as_the_mean_since_the_last_log(tmp_path):
+    module = train(compose(["recipe=cogvideox_lora", "preset=tiny", "logger=csv", f"run_dir={tmp_path}",
+                            "data.demo_count=4", "callbacks.samples=null", "callbacks.export=null",
+                            "trainer.max_steps=7", "trainer.log_every_n_steps=3",
+                            "+callbacks.losses._target_=test_logging.StepLosses"]))
+    (recorder,) = [c for c in module.trainer.callbacks if isinstance(c, StepLosses)]
+    rows = [row for row in csv.DictReader(open(tmp_path / "csv" / "metrics.csv")) if row["train/loss"]]
+    assert [int(row["step"]) for row in rows] == [2, 5, 6]  # every 3rd step, and the last
+    windows = [recorder.losses[0:3], recorder.losses[3:6], recorder.losses[6:7]]
+    torch.testing.assert_close(torch.tensor([float(row["train/loss"]) for row in rows]),
+                               torch.tensor([sum(w) / len(w) for w in windows]))
+    assert all(float(row["train/lr"]) > 0 for row in rows)  # the rate each logged step used, in the same row
+    assert module.trainer.callback_metrics["train/loss"] == pytest.approx(recorder.losses[-1])
+
+
+def test_running_mean_reads_the_device_once_per_window():
+    mean = RunningMean()
+    assert mean.pop() is None
+    for value in (1.0, 2.0, 6.0):
+        mean.add(torch.tensor(value, requires_grad=True) * 1)  # a loss: detached, not kept in the graph
+    assert mean.pop() == pytest.approx(3.0) and mean.pop() is None
+
+
+def test_wandb_starts_in_the_background_and_keeps_what_was_logged_meanwhile(tmp_path, monkeypatch):
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with pytest.warns(UserWarning, match="logging offline"):
+        logger = wandb_logger(save_dir=str(tmp_path), mode="offline")
+    assert logger.starting  # wandb.init runs in its thread; nothing here waited for it
+    logger.log_hyperparams({"optimizer": {"lr": 0.5}})
+    stand_in = logger.experiment  # what Lightning's setup touches: answered without waiting
+    logger.log_metrics({"train/loss": 1.0}, step=3)  # waits for the run
+    run = logger.experiment
+    try:
+        assert not logger.starting and stand_in.id == run.id == logger.version
+        assert run.config.as_dict()["optimizer"] == {"lr": 0.5}
+    finally:
+        run.finish()
