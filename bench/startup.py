@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python bench/startup.py                 # 1 warm-up run (fills the caches), then 5 timed runs
     OMP_NUM_THREADS=1 python bench/startup.py --runs 9 -- logger=csv
     OMP_NUM_THREADS=1 python bench/startup.py --against /tmp/before   # interleaved with another checkout's kit
+    OMP_NUM_THREADS=1 python bench/startup.py --floor                 # and with a bare script's least start
 
 Each run is a fresh process doing what `python train.py recipe=cogvideox_lora preset=tiny` does (`hydra.main`, then
 `finetune.run.train`), with `trainer.max_steps=2` (its first step is not a logging one, as in the demo), W&B
@@ -100,6 +101,7 @@ class FirstStep:
 
 def child(overrides: list[str]) -> None:
     mark("python")
+    sys.path.insert(0, str(REPO))  # this checkout's kit, also where another one is pip-installed (editable)
     import hydra
     from omegaconf import DictConfig  # noqa: F401  (train.py's imports)
 
@@ -116,6 +118,32 @@ def child(overrides: list[str]) -> None:
 
     sys.argv = [str(REPO / "train.py"), *overrides]
     main()
+
+
+# The floor: what the kit's start does at least, as a bare script: import torch and diffusers, load the tiny pipeline
+# from the cache, add the LoRA, take one AdamW step on random latents.
+FLOOR = """
+import os, time, torch
+from diffusers import CogVideoXPipeline
+pipe = CogVideoXPipeline.from_pretrained(os.environ["COGFT_CACHE"] + "/tiny/cogvideox", dtype=torch.float32)
+from peft import LoraConfig
+pipe.transformer.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+optimizer = torch.optim.AdamW([p for p in pipe.transformer.parameters() if p.requires_grad], lr=1e-3)
+out = pipe.transformer(hidden_states=torch.randn(1, 3, 16, 4, 4), encoder_hidden_states=torch.randn(1, 16, 32),
+                       timestep=torch.tensor([10]), return_dict=False)[0]
+out.pow(2).mean().backward()
+optimizer.step()
+print(time.time())
+"""
+
+
+def floor_run(cache: str, threads: int) -> dict[str, float]:
+    env = {**os.environ, "COGFT_CACHE": cache, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    started = time.time()
+    result = subprocess.run([sys.executable, "-c", FLOOR], env=env, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"the floor script failed:\n{result.stderr[-3000:]}")
+    return {"total": float(result.stdout.split()[-1]) - started}
 
 
 def phases(started: float, marks: dict[str, float]) -> dict[str, float]:
@@ -159,6 +187,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--against", default=None, help="also time the kit of this checkout (with this file copied "
                                                         "into its bench/), interleaved: a before/after comparison")
+    parser.add_argument("--floor", action="store_true", help="also time a bare script doing the least the start "
+                                                               "does (imports, tiny pipeline, LoRA, one step)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="more overrides for the demo command (after --)")
     args = parser.parse_args(argv)
@@ -173,10 +203,13 @@ def main(argv=None) -> dict:
         caches = {kind: args.cache or str(Path(scratch) / kind) for kind in scripts}
         for kind, script in scripts.items():  # builds what the cache lacks: tiny model, demo data, encodings
             report[f"{kind}_first"] = one_run(caches[kind], args.overrides, args.threads, script)
-        runs = {kind: [] for kind in scripts}
+        runs = {kind: [] for kind in [*scripts, *(["floor"] if args.floor else [])]}
         for i in range(args.runs):  # interleaved, the order alternating
-            for kind in (list(scripts) if i % 2 == 0 else list(scripts)[::-1]):
-                runs[kind].append(one_run(caches[kind], args.overrides, args.threads, scripts[kind]))
+            for kind in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+                if kind == "floor":
+                    runs[kind].append(floor_run(caches["kit"], args.threads))
+                else:
+                    runs[kind].append(one_run(caches[kind], args.overrides, args.threads, scripts[kind]))
     for kind, timed in runs.items():
         report[f"{kind}_runs"] = timed
         if timed:
@@ -184,6 +217,8 @@ def main(argv=None) -> dict:
     for name in report.get("kit_median", report["kit_first"]):
         print(f"{name:>12}: " + "  ".join(f"{kind} {report.get(f'{kind}_median', report[f'{kind}_first'])[name]:6.2f} s"
                                           for kind in scripts), file=sys.stderr)
+    if args.floor and args.runs:
+        print(f"{'floor total':>12}: {report['floor_median']['total']:6.2f} s", file=sys.stderr)
     print(json.dumps(report, indent=1))
     return report
 

@@ -1,6 +1,6 @@
 """The kit's training step through the Trainer versus a bare PyTorch loop doing the same math.
 
-    OMP_NUM_THREADS=1 python bench/step_overhead.py                      # both sizes, 5 interleaved pairs each
+    OMP_NUM_THREADS=1 python bench/step_overhead.py                      # both sizes, 7 interleaved rounds each
     OMP_NUM_THREADS=2 python bench/step_overhead.py --sizes 25ms --pairs 9 --threads 2
     OMP_NUM_THREADS=1 python bench/step_overhead.py --logger wandb --override trainer.log_every_n_steps=1
 
@@ -17,9 +17,12 @@ its encodings from the encoded cache.
   recipe's AdamW and LR schedule, `zero_grad(set_to_none=True)`, in a `for` loop.
 
 Each run is its own process; kit and bare runs alternate (kit, bare, bare, kit, ...), and the reported ratio is the
-median of the pairs' kit/bare ratios. A step's time runs from one batch's start to the next (all the loop's work
-between steps counts), averaged over the timed steps after a warm-up, in wall time and in the process's CPU time
-(what the step costs when other jobs share the machine).
+median of the rounds' kit/bare ratios. A step's time runs from one batch's start to the next (all the loop's work
+between steps counts), averaged over the timed steps after a warm-up, in wall time, in the process's CPU time, and
+outside the step's math (`overhead`: the forward and loss, backward, clipping and the optimizer's update are timed
+and subtracted). The kit's overhead minus the bare loop's (`adds`) barely moves when other jobs share the machine,
+while the ratios scatter by a few percent. `--against DIR` times the kit of another checkout in the same rounds
+(copy this file into its bench/ first): a before/after comparison.
 """
 
 from __future__ import annotations
@@ -93,16 +96,56 @@ def encoded_data(samples: list[dict], batch_size: int):
     return EncodedData()
 
 
-def step_clock():
-    """A callback noting (wall, CPU) time at every batch start."""
+class ComputeClock:
+    """Seconds spent in the step's math (the forward and loss, backward, gradient clipping, the optimizer's update),
+    counted by wrapping those functions while it is entered: the rest of a step is the loop's own overhead, and the
+    kit's overhead minus the bare loop's is a figure that other jobs on the machine barely move."""
+
+    def __init__(self, family):
+        self.family, self.seconds = family, 0.0
+
+    def _timed(self, function):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return timed
+
+    def __enter__(self):
+        import importlib
+
+        import torch
+
+        adam = importlib.import_module("torch.optim.adam")  # AdamW's update (torch.optim hides the submodule's name)
+        self.saved = [(torch.autograd, "backward"), (torch.nn.utils, "clip_grad_norm_"), (adam, "adam")]
+        self.saved = [(owner, name, getattr(owner, name)) for owner, name in self.saved]
+        for owner, name, function in self.saved:
+            setattr(owner, name, self._timed(function))
+        self.family.training_loss = self._timed(type(self.family).training_loss.__get__(self.family))
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, function in self.saved:
+            setattr(owner, name, function)
+        del self.family.training_loss
+
+    def mark(self) -> tuple[float, float, float]:
+        return time.perf_counter(), time.process_time(), self.seconds
+
+
+def step_clock(compute: ComputeClock):
+    """A callback noting the time (wall, CPU, in the math) at every batch start."""
     import lightning as L
 
     class StepClock(L.Callback):
         def __init__(self):
-            self.starts: list[tuple[float, float]] = []
+            self.starts: list[tuple[float, float, float]] = []
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self.starts.append((time.perf_counter(), time.process_time()))
+            self.starts.append(compute.mark())
 
     return StepClock()
 
@@ -134,12 +177,13 @@ def run_kit(size: str, args) -> dict:
             trainer, module, data, _ = run.build(cfg)
         finally:
             run.build_data, run.build_module = real_build_data, real_build_module
-        clock = step_clock()
-        trainer.callbacks.append(clock)
-        try:
-            trainer.fit(module, datamodule=data)
-        finally:
-            run.finish_loggers(trainer)
+        with ComputeClock(module.family) as compute:
+            clock = step_clock(compute)
+            trainer.callbacks.append(clock)
+            try:
+                trainer.fit(module, datamodule=data)
+            finally:
+                run.finish_loggers(trainer)
         return per_step(clock.starts, args.warmup, args.steps)
 
 
@@ -161,21 +205,24 @@ def run_bare(size: str, args) -> dict:
     scheduler = instantiate(cfg.lr_scheduler)(optimizer, total_steps=cfg.trainer.max_steps)
     clip = cfg.trainer.gradient_clip_val
     starts = []
-    for _ in range(args.warmup + args.steps + 1):
-        starts.append((time.perf_counter(), time.process_time()))
-        optimizer.zero_grad(set_to_none=True)
-        loss = module.family.training_loss(encoded)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        scheduler.step()
+    with ComputeClock(module.family) as compute:
+        for _ in range(args.warmup + args.steps + 1):
+            starts.append(compute.mark())
+            optimizer.zero_grad(set_to_none=True)
+            loss = module.family.training_loss(encoded)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            scheduler.step()
     return per_step(starts, args.warmup, args.steps)
 
 
-def per_step(starts: list[tuple[float, float]], warmup: int, steps: int) -> dict:
-    """Wall and CPU (this process, all threads) seconds per step over the timed steps."""
-    (wall0, cpu0), (wall1, cpu1) = starts[warmup], starts[warmup + steps]
-    return {"wall": (wall1 - wall0) / steps, "cpu": (cpu1 - cpu0) / steps}
+def per_step(starts: list[tuple[float, float, float]], warmup: int, steps: int) -> dict:
+    """Seconds per step over the timed steps: wall, CPU (this process, all threads), and the wall time outside the
+    step's math (`overhead`)."""
+    (wall0, cpu0, math0), (wall1, cpu1, math1) = starts[warmup], starts[warmup + steps]
+    return {"wall": (wall1 - wall0) / steps, "cpu": (cpu1 - cpu0) / steps,
+            "overhead": ((wall1 - wall0) - (math1 - math0)) / steps}
 
 
 def one_run(kind: str, size: str, args) -> dict:
@@ -206,26 +253,30 @@ def in_subprocess(kind: str, size: str, args) -> dict:
 
 
 def compare(times: dict) -> dict:
-    """Per clock: each side's ms per step and its ratio to the bare loop."""
+    """Per clock: each side's ms per step and its ratio to the bare loop; each side's overhead (ms per step outside
+    the math) and the ms it adds to the bare loop's."""
     result = {}
     for clock in ("wall", "cpu"):
         bare = times["bare"][clock]
         result[clock] = {"bare_ms": 1e3 * bare}
-        for kind in times.keys() - {"bare"}:
+        for kind in sorted(times.keys() - {"bare"}):
             result[clock][f"{kind}_ms"] = 1e3 * times[kind][clock]
             result[clock]["ratio" if kind == "kit" else f"{kind}_ratio"] = times[kind][clock] / bare
+    result["overhead"] = {f"{kind}_ms": 1e3 * times[kind]["overhead"] for kind in sorted(times)}
+    for kind in sorted(times.keys() - {"bare"}):
+        result["overhead"][f"{kind}_adds_ms"] = 1e3 * (times[kind]["overhead"] - times["bare"]["overhead"])
     return result
 
 
 def summary(pairs: list[dict]) -> dict:
     return {f"median_{clock}_{what}": statistics.median(p[clock][what] for p in pairs)
-            for clock in ("wall", "cpu") for what in pairs[0][clock]}
+            for clock in pairs[0] for what in pairs[0][clock]}
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="25ms,100ms", help=f"comma-separated, of {sorted(SIZES)}")
-    parser.add_argument("--pairs", type=int, default=5, help="kit/bare pairs per size (interleaved)")
+    parser.add_argument("--pairs", type=int, default=7, help="rounds per size (kit and bare interleaved)")
     parser.add_argument("--steps", type=int, default=None, help=f"timed steps per run (default {DEFAULT_STEPS})")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
@@ -255,9 +306,14 @@ def main(argv=None) -> dict:
             print(f"{size} round {i + 1}/{args.pairs}: " + "; ".join(
                 f"{clock} " + ", ".join(f"{name} {value:.3f}" for name, value in p.items())
                 for clock, p in pairs[-1].items()), file=sys.stderr)
+        math_ms = statistics.median(p["wall"]["bare_ms"] - p["overhead"]["bare_ms"] for p in pairs)
         frames, height, width, batch = SIZES[size]
+        medians = summary(pairs)
         report["sizes"][size] = {"shape": f"batch {batch} x {frames}x{height}x{width}", "steps": size_args.steps,
-                                 **summary(pairs), "pairs": pairs}
+                                 "math_ms": math_ms, **medians, "pairs": pairs}
+        for kind in kinds[:1] + kinds[2:]:  # the ratio the overheads alone give: steady when the machine is not
+            adds, bare = medians[f"median_overhead_{kind}_adds_ms"], medians["median_overhead_bare_ms"]
+            report["sizes"][size][f"{kind}_ratio_from_overhead"] = 1 + adds / (math_ms + bare)
     print(json.dumps(report, indent=1))
     return report
 

@@ -26,10 +26,10 @@ class NonFiniteGuard(L.Callback):
             checkpoint or export of the bad weights. `skip`: skip such steps (no weight or optimizer-state change)
             and stop after `max_skipped` of them.
         max_skipped: with `skip`, how many bad steps a run may skip before it stops.
-        check_every_n_steps: with `stop`, how often the flag is read on the host (0: every
-            `trainer.log_every_n_steps`, when Lightning reads the loss anyway). The flag itself is kept on the
-            device, so no step waits for the accelerator; checkpoints and exports always check first. `skip`
-            must decide before each update, so it reads the flag every step (as torch's GradScaler does).
+        check_every_n_steps: with `stop`, how often the steps' flags are read on the host (0: every
+            `trainer.log_every_n_steps`, when the loss is read anyway). The flags themselves stay on the device, so no
+            step waits for the accelerator; checkpoints and exports always check first. `skip` must decide before
+            each update, so it reads the step's flag every step (as torch's GradScaler does).
     """
 
     def __init__(self, policy: str = "stop", max_skipped: int = 10, check_every_n_steps: int = 0):
@@ -37,33 +37,41 @@ class NonFiniteGuard(L.Callback):
             raise ValueError(f"callbacks.nonfinite.policy={policy!r}: use stop or skip")
         self.policy, self.max_skipped, self.check_every_n_steps = policy, max_skipped, check_every_n_steps
         self.skipped = 0
-        self._bad_step: torch.Tensor | None = None  # on the device: the first bad step, -1 while all is well
+        self._unchecked: list[tuple[int, torch.Tensor]] = []  # (step, its gradients' largest |value|, on the device)
         self._recent: deque[tuple[int, list]] = deque(maxlen=64)  # (step, sample keys) of recent steps
-        self._params: list[torch.Tensor] = []  # what the optimizers update (`on_train_start`)
+        self._params: list[list[torch.Tensor]] = []  # what the optimizers update, by device (`on_train_start`)
 
     # -- the check, on the device --------------------------------------------------------------------
     def on_train_start(self, trainer, module) -> None:
-        # The optimizer's parameters, listed once: walking the whole module tree (frozen VAE and text encoder
+        # The optimizers' parameters, listed once: walking the whole module tree (frozen VAE and text encoder
         # included) for them every step costs more than the check itself.
-        self._params = [p for optimizer in trainer.optimizers for group in optimizer.param_groups
-                        for p in group["params"]]
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    by_device.setdefault(param.device, []).append(param)
+        self._params = list(by_device.values())
 
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
-        grads = [p.grad for p in self._params if p.grad is not None]
-        if not grads:
+        largest = self._largest_gradient()
+        if largest is None:
             return
-        # The largest |gradient| is finite exactly when every gradient is (max propagates NaN): one fused reduction
-        # per device and dtype instead of two small ops per tensor.
-        finite = torch.nn.utils.get_total_norm(grads, float("inf")).isfinite()
         if self.policy == "skip":
-            if not bool(finite):  # one host read per step: the price of deciding before the update
+            if not bool(largest.isfinite()):  # one host read per step: the price of deciding before the update
                 self._skip(trainer, optimizer)
             return
-        if self._bad_step is None:
-            self._bad_step = torch.full((), -1, dtype=torch.long, device=finite.device)
-        # The step as a Python number: a tensor made from it would be copied to the device, and a copy from pageable
-        # host memory waits for the device to finish its queued work.
-        self._bad_step = torch.where((self._bad_step < 0) & ~finite, trainer.global_step, self._bad_step)
+        self._unchecked.append((trainer.global_step, largest))  # read at the next check, with the steps before it
+
+    def _largest_gradient(self) -> torch.Tensor | None:
+        """The largest |gradient| of the step, on the device: finite exactly when every gradient is (max propagates
+        NaN). One fused reduction per device (torch's own gradient clipping uses it) instead of ops per tensor."""
+        largest = None
+        for params in self._params:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                value = torch.stack(torch._foreach_norm(grads, float("inf"))).amax()
+                largest = value if largest is None else torch.maximum(largest, value.to(largest.device))
+        return largest
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._recent.append((trainer.global_step, list(batch.get("key", []))[:8]))
@@ -75,9 +83,15 @@ class NonFiniteGuard(L.Callback):
 
     # -- reading it: before anything is written, and at the end ---------------------------------------
     def check(self, trainer: L.Trainer) -> None:
-        bad = -1 if self._bad_step is None else int(self._bad_step)
-        if bad >= 0:
-            raise TrainingFailed(self._message(trainer, bad))
+        """Read the flags of the steps since the last check (one wait for the device) and stop at the first bad one."""
+        if not self._unchecked:
+            return
+        steps = [step for step, _ in self._unchecked]
+        finite = torch.stack([value.to(self._unchecked[0][1].device) for _, value in self._unchecked]).isfinite()
+        self._unchecked = []
+        for step, ok in zip(steps, finite.tolist()):
+            if not ok:
+                raise TrainingFailed(self._message(trainer, step))
 
     def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
         self.check(trainer)  # no checkpoint of NaN weights

@@ -57,9 +57,10 @@ def wandb_logger(save_dir: str, project: str = "cog-finetune", name: str | None 
 
 class BackgroundWandbLogger(WandbLogger):
     """Lightning's `WandbLogger`, its run started in a background thread by `start()`: W&B's start (its service
-    process and its imports, ~1 s on a 2-core machine, longer online) then overlaps the model load and the first
-    steps instead of delaying them. Hyperparameters logged meanwhile are applied once the run is up; whatever needs
-    the run itself (`experiment`: metrics, samples, `finish`) waits for the start, and a failed start raises there."""
+    process and its imports, ~1.3 s on a 2-core machine, longer online) then overlaps the trainer's setup and the
+    first steps instead of delaying them. Hyperparameters logged meanwhile are applied once the run is up; whatever
+    needs the run itself (`experiment`: metrics, samples, `finish`) waits for the start, and a failed start raises
+    there."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
