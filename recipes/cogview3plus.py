@@ -22,17 +22,15 @@ from pathlib import Path
 import torch
 
 from finetune.adapters import LoRA, merged_state_dict
-from finetune.data import Processor
 from finetune.family import GenerationRequest, Sample, parse_dtype
 from finetune.hub import resolve_pretrained
-from recipes.cogview4 import image_processor
-from recipes.diffusers_family import DiffusersFamily
+from recipes.cogview4 import BucketedImageFamily
 from recipes.diffusion import sample_latents, v_prediction_loss
 
 LORA_FILE = "transformer_lora.safetensors"
 
 
-class CogView3Plus(DiffusersFamily):
+class CogView3Plus(BucketedImageFamily):
     """CogView3-Plus-3B text-to-image.
 
     Args:
@@ -45,6 +43,7 @@ class CogView3Plus(DiffusersFamily):
     """
 
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    display_name = "CogView3-Plus"
     transformer_class = "CogView3PlusTransformer2DModel"
     setting_ranges = {"height": ">0", "width": ">0", "max_sequence_length": ">=1", "bucket_pixels": ">0",
                       "min_side": ">0", "max_side": ">0", "bucket_multiple": ">=1",
@@ -74,13 +73,6 @@ class CogView3Plus(DiffusersFamily):
         from recipes.cogview3plus_tiny import save_tiny_cogview3plus
 
         return resolve_pretrained(path, family="cogview3plus", build_tiny=save_tiny_cogview3plus)
-
-    @classmethod
-    def data_processor(cls, height: int = 1024, width: int = 1024, bucket_pixels: int = 1024 * 1024,
-                       min_side: int = 512, max_side: int = 2048, bucket_multiple: int = 32, max_pixels: int = 2**21,
-                       **_) -> Processor:
-        return image_processor("CogView3-Plus", height, width, bucket_pixels, min_side, max_side, bucket_multiple,
-                               max_pixels)
 
     def cache_namespace(self) -> str:
         return f"cogview3plus|{self.path}|encoders={self.encoder_files()}|{self.dtype_name}|{self.max_sequence_length}"

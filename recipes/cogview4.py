@@ -80,16 +80,24 @@ def check_sides(family: str, multiple: int, **sides: int) -> None:
                             f"RoPE grid); use {value - value % multiple or multiple}.")
 
 
-def image_processor(family: str, height: int, width: int, bucket_pixels: int, min_side: int, max_side: int,
-                    bucket_multiple: int, max_pixels: int) -> Processor:
-    """Aspect buckets within the model's limits (CogView4 and CogView3-Plus: sides multiples of 32 in 512..2048,
-    at most 2^21 pixels; REFERENCE section 1)."""
-    check_sides(family, bucket_multiple, height=height, width=width, min_side=min_side, max_side=max_side)
-    return Processor(ImageSpec(pixels=bucket_pixels, min_side=min_side, max_side=max_side, multiple=bucket_multiple,
-                               max_pixels=max_pixels))
+class BucketedImageFamily(DiffusersFamily):
+    """A text-to-image family trained in aspect buckets within the sizes the model generates (CogView4 and
+    CogView3-Plus: sides multiples of 32 in 512..2048, at most 2^21 pixels; REFERENCE section 1)."""
+
+    #: the model's name in error messages
+    display_name = "CogView4"
+
+    @classmethod
+    def data_processor(cls, height: int = 1024, width: int = 1024, bucket_pixels: int = 1024 * 1024,
+                       min_side: int = 512, max_side: int = 2048, bucket_multiple: int = 32, max_pixels: int = 2**21,
+                       **_) -> Processor:
+        check_sides(cls.display_name, bucket_multiple, height=height, width=width, min_side=min_side,
+                    max_side=max_side)
+        return Processor(ImageSpec(pixels=bucket_pixels, min_side=min_side, max_side=max_side,
+                                   multiple=bucket_multiple, max_pixels=max_pixels))
 
 
-class CogView4(DiffusersFamily):
+class CogView4(BucketedImageFamily):
     """CogView4-6B text-to-image (Chinese and English prompts).
 
     Args:
@@ -145,13 +153,6 @@ class CogView4(DiffusersFamily):
         from recipes.cogview4_tiny import save_tiny_cogview4
 
         return resolve_pretrained(path, family="cogview4", build_tiny=save_tiny_cogview4)
-
-    @classmethod
-    def data_processor(cls, height: int = 1024, width: int = 1024, bucket_pixels: int = 1024 * 1024,
-                       min_side: int = 512, max_side: int = 2048, bucket_multiple: int = 32, max_pixels: int = 2**21,
-                       **_) -> Processor:
-        return image_processor("CogView4", height, width, bucket_pixels, min_side, max_side, bucket_multiple,
-                               max_pixels)
 
     def cache_namespace(self) -> str:
         return f"cogview4|{self.path}|encoders={self.encoder_files()}|{self.dtype_name}|text{self.max_sequence_length}"
