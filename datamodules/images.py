@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from datamodules.buckets import BucketBatchSampler, make_buckets, nearest_bucket
-from datamodules.sample_checks import BadSamples, OnBadSample, check_all
+from datamodules.sample_checks import BadSamples, CheckedFiles, OnBadSample, check_all
 from datamodules.table import TableDataset
 from datamodules.textfiles import DataError, decode_utf8_lines
 from finetune.data import FamilyDataModule, ImageSpec, encoded_batch
@@ -127,15 +127,18 @@ def check_size(size: tuple[int, int], buckets: list[tuple[int, int]], described:
                         f"(and model.bucket_pixels) to train at smaller sizes.")
 
 
-def _source_key(source, caption: str, bucket: tuple[int, int]) -> str:
-    """Changes when the file (path, size, mtime; or the embedded bytes), the caption, the bucket or the preprocessing
-    changes: the encoded cache's key (finetune/cache.py)."""
+def _origin(source) -> str:
+    """The file by path, size and mtime; embedded bytes by their hash (FileNotFoundError for a missing file)."""
     if isinstance(source, dict) and source.get("bytes"):
-        origin = hashlib.sha256(source["bytes"]).hexdigest()[:32]
-    else:
-        path = Path(source["path"] if isinstance(source, dict) else source)
-        stat = path.stat()
-        origin = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        return hashlib.sha256(source["bytes"]).hexdigest()[:32]
+    path = Path(source["path"] if isinstance(source, dict) else source)
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _source_key(origin: str, caption: str, bucket: tuple[int, int]) -> str:
+    """Changes when the file (`_origin`), the caption, the bucket or the preprocessing changes: the encoded cache's
+    key (finetune/cache.py)."""
     text = hashlib.sha256(caption.encode("utf-8")).hexdigest()[:32]
     preprocessing = hashlib.sha256(PREPROCESSING.encode("utf-8")).hexdigest()[:12]
     return f"{origin}|{bucket[0]}x{bucket[1]}|{text}|prep={preprocessing}"
@@ -170,6 +173,8 @@ class ImageDataModule(FamilyDataModule):
         demo_count: images in the generated demo set.
         on_bad_sample: `fail` stops before training on a missing, undecodable or too small image or an empty
             caption, naming every one; `skip` leaves each out with a warning and counts them.
+        recheck_files: decode every image in `check()` even when an earlier check decoded it, unchanged (same
+            path, size and mtime, or the same embedded bytes): `<kit cache>/checked/images.jsonl`.
     The buckets' area and limits come from the model family (`connect`).
     """
 
@@ -179,9 +184,9 @@ class ImageDataModule(FamilyDataModule):
     def __init__(self, root: str, split: str = "train", image_column: str = "image",
                  caption_column: str | None = None, dataset_config: str | None = None, batch_size: int = 1,
                  num_workers: int = 0, seed: int = 0, drop_last: bool = False, demo_count: int = 12,
-                 on_bad_sample: OnBadSample = "fail"):
+                 on_bad_sample: OnBadSample = "fail", recheck_files: bool = False):
         super().__init__()
-        self.on_bad_sample = on_bad_sample
+        self.on_bad_sample, self.recheck_files = on_bad_sample, recheck_files
         self.root, self.split, self.dataset_config = root, split, dataset_config
         self.image_column, self.caption_column = image_column, caption_column
         self.batch_size, self.num_workers, self.seed, self.drop_last = batch_size, num_workers, seed, drop_last
@@ -259,16 +264,25 @@ class ImageDataModule(FamilyDataModule):
             raise DataError(f"data.root={self.root!r}{'' if folder else f' (split {self.split!r})'} holds no images. "
                             f"Point data.root at a non-empty dataset, or use data.root=demo.")
 
+        checked = CheckedFiles("images", recheck=self.recheck_files)
+
         def examine(row) -> tuple | str:
             source, caption, where = row
             try:
                 caption = _caption(caption, where)
-                size = image_size(source, where)
+                try:
+                    origin = _origin(source)
+                except FileNotFoundError:
+                    image_size(source, where)  # raises the DataError that names the missing file and the fix
+                    raise
+                known = checked.get(origin)
+                size = tuple(known["size"]) if known else image_size(source, where)  # decoded in full once
+                checked.put(origin, {"size": list(size)})
                 check_size(size, buckets, _describe(source, where))
             except DataError as err:
                 return str(err)
             bucket = nearest_bucket(*size, buckets)
-            return source, caption, bucket, _source_key(source, caption, bucket)
+            return source, caption, bucket, _source_key(origin, caption, bucket)
 
         bad = BadSamples(self.on_bad_sample)
         paths, prompts, keys, sizes, kept = [], [], [], [], []
@@ -282,6 +296,7 @@ class ImageDataModule(FamilyDataModule):
             sizes.append(bucket)
             keys.append(key)
             paths.append(source if isinstance(source, str) else None)
+        checked.save()
         bad.finish(total)
         if not prompts:
             raise DataError(f"data.root={self.root!r}: all {total} images were left out as bad "

@@ -9,8 +9,10 @@ says at the end how many were left out.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, TypeVar
 
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -66,3 +68,63 @@ class BadSamples:
             raise DataError(f"{count} bad {self.what}(s) of {checked}:\n  {shown}\n{fix + ' ' if fix else ''}"
                             f"Or set data.on_bad_sample=skip to train without them.")
         rank_zero_warn(f"data.on_bad_sample=skip: left out {count} of {checked} {self.what}s (each named above).")
+
+
+class CheckedFiles:
+    """What earlier full checks found out about media files, so an unchanged file is not decoded again: `check()`
+    decodes every clip and image before the model loads, which at real sizes costs longer than a warm start's
+    training step or two and buys nothing for a file that already passed.
+
+    Keyed by a file's identity (`path|size|mtime`, or the hash of embedded bytes): a changed or replaced file is another
+    key and is decoded again. The facts (an image's size, a clip's frame count and how far it decodes) live in one
+    append-only JSON-lines file per kind under the kit's cache root (`<cache>/checked/<kind>.jsonl`); `recheck=True`
+    ignores it (a file corrupted in place without a new mtime). Thread-safe: `check_all` runs checks on a pool."""
+
+    def __init__(self, kind: str, recheck: bool = False, directory: str | os.PathLike | None = None):
+        import threading
+
+        from finetune.hub import cache_root
+
+        self.path = Path(directory or cache_root() / "checked") / f"{kind}.jsonl"
+        self.recheck = recheck
+        self.known: dict[str, dict] = {} if recheck else self._read()
+        self.new: dict[str, dict] = {}
+        self.lock = threading.Lock()
+
+    def _read(self) -> dict[str, dict]:
+        known = {}
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return known
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                known[entry["file"]] = entry["facts"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash (or written by another version): that file is checked again
+        return known
+
+    def get(self, identity: str) -> dict | None:
+        with self.lock:
+            return self.new.get(identity) or self.known.get(identity)
+
+    def put(self, identity: str, facts: dict) -> None:
+        with self.lock:
+            if self.known.get(identity) != facts:
+                self.new[identity] = facts
+
+    def save(self) -> None:
+        """Append what this check learnt (one write of whole lines; concurrent runs only ever append)."""
+        with self.lock:
+            new, self.new = self.new, {}
+        if not new or rank_zero_only.rank != 0:  # every rank checks the same files: one writes
+            return
+        self.known.update(new)
+        text = "".join(json.dumps({"file": k, "facts": v}) + "\n" for k, v in new.items())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as err:  # a read-only cache: the next run decodes again, nothing else changes
+            rank_zero_warn(f"could not record checked files in {self.path} ({err}); the next run checks them again.")

@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from datamodules.textfiles import DataError
 from datamodules.video_buckets import VideoBatchSampler, bucket_volume, pick_bucket
 from datamodules.video_io import check_frames, count_frames, describe, read_frames, read_image
+from datamodules.sample_checks import CheckedFiles
 from datamodules.table import TableDataset
 from datamodules.video_sources import (ClipRow, EmbeddedFile, has_list_layout, has_metadata, read_dataset,
                                        read_list_layout, read_metadata_layout)
@@ -120,6 +121,8 @@ class VideoDataModule(FamilyDataModule):
         drop_last: drop each bucket's last, smaller batch.
         on_bad_sample: `fail` stops at the first bad clip; `skip` leaves bad clips out with a warning each.
         check_workers: threads decoding the clips in `check()`.
+        recheck_files: decode every clip in `check()` even when an earlier check found it, unchanged (same path,
+            size and mtime), decodable as far as this run samples (`<kit cache>/checked/videos.jsonl`).
         demo_count: samples of the generated demo set (root=demo).
     The buckets and whether samples carry a conditioning image come from the model family (`connect`).
     """
@@ -132,13 +135,15 @@ class VideoDataModule(FamilyDataModule):
                  image_file: str = "images.txt", split: str = "train", dataset_config: str | None = None,
                  video_column: str = "video", caption_column: str | None = None, image_column: str | None = None,
                  batch_size: int = 1, num_workers: int = 0, seed: int = 0, drop_last: bool = False,
-                 on_bad_sample: Literal["fail", "skip"] = "fail", check_workers: int = 8, demo_count: int = 8):
+                 on_bad_sample: Literal["fail", "skip"] = "fail", check_workers: int = 8, demo_count: int = 8,
+                 recheck_files: bool = False):
         super().__init__()
         self.root, self.prompt_file, self.video_file, self.image_file = root, prompt_file, video_file, image_file
         self.split, self.dataset_config = split, dataset_config
         self.video_column, self.caption_column, self.image_column = video_column, caption_column, image_column
         self.batch_size, self.num_workers, self.seed, self.drop_last = batch_size, num_workers, seed, drop_last
         self.on_bad_sample, self.check_workers, self.demo_count = on_bad_sample, check_workers, demo_count
+        self.recheck_files = recheck_files
         self.records: list[dict] | None = None
         self.embedded: dict[str, object] = {}  # column datasets of embedded videos/images, by "video"/"image"
         self.transform: ClipSamples | None = None  # the training dataset's (`setup`)
@@ -177,7 +182,10 @@ class VideoDataModule(FamilyDataModule):
                 if isinstance(source, EmbeddedFile):
                     self.embedded[name] = source.column
         records, skipped = [], 0
-        for row, outcome in zip(rows, self._probe_all(rows, buckets, spec.conditioning_image)):
+        self.checked = CheckedFiles("videos", recheck=self.recheck_files)
+        outcomes = self._probe_all(rows, buckets, spec.conditioning_image)
+        self.checked.save()
+        for row, outcome in zip(rows, outcomes):
             if isinstance(outcome, DataError):
                 if self.on_bad_sample == "fail":
                     raise DataError(f"{outcome} Or set data.on_bad_sample=skip to train without it.")
@@ -230,8 +238,11 @@ class VideoDataModule(FamilyDataModule):
         _exists(video, row.where, "video", "Fix the path (relative to the data folder) or remove the entry and "
                                            "its caption.")
         name = describe(video) if isinstance(video, str) else f"{row.where} (embedded video)"
+        origin = _origin(video)
+        known = self.checked.get(origin) or {}
         try:
-            frames, height, width = count_frames(video)
+            frames, height, width = (known["frames"], known["height"], known["width"]) if known else \
+                count_frames(video)
         except Exception as err:
             raise DataError(f"{name}: cannot be decoded ({type(err).__name__}: {err}). {REENCODE}") from None
         bucket = pick_bucket(frames, height, width, buckets)
@@ -242,22 +253,27 @@ class VideoDataModule(FamilyDataModule):
                             f"clip with at least that many frames and pixels, remove it, or train the model at a "
                             f"smaller size (the model's frame count / height / width settings).")
         indices = frame_indices(frames, bucket[0])
-        try:
-            check_frames(video, indices)
-        except Exception as err:
-            raise DataError(f"{name}: {err}, but the run samples frames up to {indices[-1]} (its header says "
-                            f"{frames} frames): the file is truncated or corrupt. {REENCODE}") from None
+        if known.get("decodes_to", -1) < indices[-1]:  # not yet decoded this far while unchanged
+            try:
+                check_frames(video, indices)
+            except Exception as err:
+                raise DataError(f"{name}: {err}, but the run samples frames up to {indices[-1]} (its header says "
+                                f"{frames} frames): the file is truncated or corrupt. {REENCODE}") from None
+            self.checked.put(origin, {"frames": frames, "height": height, "width": width, "decodes_to": indices[-1]})
         image = _load(row.image) if with_image and row.image is not None else None
         if image is not None:
             _exists(image, row.image_where, "conditioning image",
                     "Fix the path (relative to the data folder), or remove it to start the clip from its first frame.")
-            try:
-                read_image(image)
-            except Exception as err:
-                image_name = describe(image) if isinstance(image, str) else f"{row.image_where} (embedded image)"
-                raise DataError(f"{image_name}: conditioning image cannot be decoded ({type(err).__name__}: {err}). "
-                                f"Re-save it (PNG/JPEG/WebP) or remove it.") from None
-        key = [_origin(video), "x".join(map(str, bucket)), hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:32],
+            image_origin = _origin(image)
+            if not self.checked.get(image_origin):
+                try:
+                    read_image(image)
+                except Exception as err:
+                    image_name = describe(image) if isinstance(image, str) else f"{row.image_where} (embedded image)"
+                    raise DataError(f"{image_name}: conditioning image cannot be decoded ({type(err).__name__}: "
+                                    f"{err}). Re-save it (PNG/JPEG/WebP) or remove it.") from None
+                self.checked.put(image_origin, {"image": True})
+        key = [origin, "x".join(map(str, bucket)), hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:32],
                "prep=" + hashlib.sha256(PREPROCESSING.encode("utf-8")).hexdigest()[:12]]
         if with_image:
             key.append("image=" + (_origin(image) if image is not None else "first-frame"))

@@ -270,3 +270,24 @@ def test_empty_data_is_an_error(tmp_path):
     write_folder(root, sizes=((1, 1),))
     with pytest.warns(UserWarning), pytest.raises(DataError, match=r"all 1 images were left out as bad"):
         image_data(str(root), on_bad_sample="skip").check()
+
+
+def test_an_unchanged_image_is_decoded_once_across_checks(tmp_path, monkeypatch):
+    """The next run's check takes each unchanged image's size from the first check instead of decoding it again;
+    a changed file, or recheck_files=true, is decoded again."""
+    import datamodules.images as images_module
+
+    root = write_folder(tmp_path / "data")
+    decoded = []
+    real = images_module.image_size
+    monkeypatch.setattr(images_module, "image_size", lambda source, where: (decoded.append(source),
+                                                                              real(source, where))[1])
+    first = image_data(str(root)).check()
+    assert len(decoded) == 3
+    assert image_data(str(root)).check()["key"] == first["key"] and len(decoded) == 3
+    path = sorted(root.glob("*.png"))[0]
+    Image.new("RGB", (80, 80)).save(path)
+    changed = image_data(str(root)).check()
+    assert len(decoded) == 4 and changed["key"] != first["key"]
+    image_data(str(root), recheck_files=True).check()
+    assert len(decoded) == 7

@@ -457,3 +457,22 @@ def test_video_recipes_leave_sharding_to_the_batch_sampler():
         cfg = compose([f"recipe={path.stem}"])
         if cfg.data._target_ == "datamodules.video.VideoDataModule":
             assert cfg.trainer.get("use_distributed_sampler") is False, path.name
+
+
+def test_an_unchanged_clip_is_decoded_once_across_checks(dataset, monkeypatch):
+    """A second check (the next run) takes what the first found out about each unchanged clip instead of decoding
+    it again; a changed file, or recheck_files=true, is decoded again."""
+    decoded = []
+    real = video_module.check_frames
+    monkeypatch.setattr(video_module, "check_frames", lambda source, indices: (decoded.append(source),
+                                                                                 real(source, indices))[1])
+    first = module(dataset).check()
+    assert len(decoded) == 3
+    again = module(dataset).check()
+    assert len(decoded) == 3 and [r["key"] for r in again] == [r["key"] for r in first]
+    changed = dataset / "videos" / sorted((dataset / "videos").iterdir())[0].name
+    write_video(changed, np.zeros((17, 48, 48, 3), np.uint8), fps=8)
+    module(dataset).check()
+    assert decoded[3:] == [str(changed)]
+    module(dataset, recheck_files=True).check()
+    assert len(decoded) == 7
