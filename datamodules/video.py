@@ -182,9 +182,9 @@ class VideoDataModule(FamilyDataModule):
                 if isinstance(source, EmbeddedFile):
                     self.embedded[name] = source.column
         records, skipped = [], 0
-        self.checked = CheckedFiles("videos", recheck=self.recheck_files)
-        outcomes = self._probe_all(rows, buckets, spec.conditioning_image)
-        self.checked.save()
+        checked = CheckedFiles("videos", recheck=self.recheck_files)  # not kept: its lock would not pickle (spawn)
+        outcomes = self._probe_all(rows, buckets, spec.conditioning_image, checked)
+        checked.save()
         for row, outcome in zip(rows, outcomes):
             if isinstance(outcome, DataError):
                 if self.on_bad_sample == "fail":
@@ -202,14 +202,15 @@ class VideoDataModule(FamilyDataModule):
         self.records = records
         return records
 
-    def _probe_all(self, rows: list[ClipRow], buckets: list, with_image: bool) -> list[dict | DataError]:
+    def _probe_all(self, rows: list[ClipRow], buckets: list, with_image: bool,
+                   checked: CheckedFiles) -> list[dict | DataError]:
         """Each row's record or its DataError, in data order, probed in a thread pool (PyAV decodes without the
         GIL). With on_bad_sample=fail it stops at the first bad clip: the clips not started yet are cancelled."""
         from tqdm.auto import tqdm
 
         def probe(row):
             try:
-                return self._probe(row, buckets, with_image)
+                return self._probe(row, buckets, with_image, checked)
             except DataError as err:
                 return err
 
@@ -230,7 +231,7 @@ class VideoDataModule(FamilyDataModule):
                 bar.close()
         return outcomes
 
-    def _probe(self, row: ClipRow, buckets: list, with_image: bool) -> dict:
+    def _probe(self, row: ClipRow, buckets: list, with_image: bool, checked: CheckedFiles) -> dict:
         """One clip checked as the run will read it: caption, file, size and bucket, the frames it samples, and
         its conditioning image. Returns its record; raises DataError naming what is wrong and the fix."""
         prompt = _caption(row.prompt, row.where)
@@ -239,7 +240,7 @@ class VideoDataModule(FamilyDataModule):
                                            "its caption.")
         name = describe(video) if isinstance(video, str) else f"{row.where} (embedded video)"
         origin = _origin(video)
-        known = self.checked.get(origin) or {}
+        known = checked.get(origin) or {}
         try:
             frames, height, width = (known["frames"], known["height"], known["width"]) if known else \
                 count_frames(video)
@@ -259,20 +260,20 @@ class VideoDataModule(FamilyDataModule):
             except Exception as err:
                 raise DataError(f"{name}: {err}, but the run samples frames up to {indices[-1]} (its header says "
                                 f"{frames} frames): the file is truncated or corrupt. {REENCODE}") from None
-            self.checked.put(origin, {"frames": frames, "height": height, "width": width, "decodes_to": indices[-1]})
+            checked.put(origin, {"frames": frames, "height": height, "width": width, "decodes_to": indices[-1]})
         image = _load(row.image) if with_image and row.image is not None else None
         if image is not None:
             _exists(image, row.image_where, "conditioning image",
                     "Fix the path (relative to the data folder), or remove it to start the clip from its first frame.")
             image_origin = _origin(image)
-            if not self.checked.get(image_origin):
+            if not checked.get(image_origin):
                 try:
                     read_image(image)
                 except Exception as err:
                     image_name = describe(image) if isinstance(image, str) else f"{row.image_where} (embedded image)"
                     raise DataError(f"{image_name}: conditioning image cannot be decoded ({type(err).__name__}: "
                                     f"{err}). Re-save it (PNG/JPEG/WebP) or remove it.") from None
-                self.checked.put(image_origin, {"image": True})
+                checked.put(image_origin, {"image": True})
         key = [origin, "x".join(map(str, bucket)), hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:32],
                "prep=" + hashlib.sha256(PREPROCESSING.encode("utf-8")).hexdigest()[:12]]
         if with_image:
