@@ -218,7 +218,7 @@ def test_expert_routing():
     inputs = {key: value[None] for key, value in sample.items()}
     inputs["images"] = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
     captured = []
-    model.model.layers[0].register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    model.model.layers[0].register_forward_hook(lambda module, args, output: captured.append(output))
 
     def layer0_output():
         captured.clear()
@@ -490,3 +490,61 @@ def test_preprocess_image():
     expected = (torch.tensor([255, 0, 128]) / 255.0 - mean) / std
     torch.testing.assert_close(pixels.mean((1, 2)), expected, atol=1e-5, rtol=0)
 
+
+
+def _generate_new_tokens(model, batch, **kwargs):
+    out = model.generate(**batch, pad_token_id=0, **kwargs)
+    return out[:, batch["input_ids"].shape[1]:]
+
+
+@pytest.mark.parametrize("cogvlm2", [False, True])
+def test_transformers_generate_equals_the_kit_greedy_decoding(cogvlm2):
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_cogvlm(seed=3, cogvlm2=cogvlm2, initializer_range=SHARP_INIT)
+    samples = _prompts(tokenizer, model)
+    batch = collate_left_padded(samples, tokenizer.pad_token_id)
+    assert batch["attention_mask"][0, 0] == 0  # left padding
+    reference = model.greedy_generate(**batch, max_new_tokens=6, eos_token_id=-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        endless = dict(max_new_tokens=6, eos_token_id=model.config.vocab_size + 1)  # an id never produced: 6 tokens
+        greedy = _generate_new_tokens(model, batch, do_sample=False, **endless)
+        assert torch.equal(greedy, reference)
+        assert torch.equal(_generate_new_tokens(model, batch, do_sample=False, use_cache=False, **endless), reference)
+        for row, sample in enumerate(samples):  # each prompt alone gives what it gives in the padded batch
+            alone = {key: value[None] for key, value in sample.items()}
+            assert torch.equal(_generate_new_tokens(model, alone, do_sample=False, **endless)[0], reference[row])
+        # EOS: a sample stops after it and is padded, as the kit's loop does
+        eos = int(reference[0, 1])
+        stopped = _generate_new_tokens(model, batch, do_sample=False, max_new_tokens=6, eos_token_id=eos)
+        expected = model.greedy_generate(**batch, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+        assert torch.equal(stopped, expected)
+        # sampling: the same draws with and without the cache; top_k=1 is greedy
+        sampled = []
+        for use_cache in (True, False):
+            torch.manual_seed(7)
+            sampled.append(_generate_new_tokens(model, batch, do_sample=True, top_k=0, use_cache=use_cache, **endless))
+        assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], reference)
+        torch.manual_seed(7)
+        assert torch.equal(_generate_new_tokens(model, batch, do_sample=True, top_k=1, **endless), reference)
+
+
+@pytest.mark.parametrize("cogvlm2", [False, True])
+def test_rotary_tables_stay_float32_in_a_bf16_model(cogvlm2, tmp_path):
+    model = build_tiny_cogvlm(cogvlm2=cogvlm2, hidden_size=512, num_attention_heads=4)  # head_dim 128, as real
+    positions = torch.arange(0, 8192, 7)[None]
+    cos32, sin32 = model.model.rotary_emb(positions, torch.float32)
+    model.to(torch.bfloat16)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    cos16, sin16 = model.model.rotary_emb(positions, torch.bfloat16)
+    assert cos16.dtype == torch.bfloat16
+    assert torch.equal(cos16, cos32.to(torch.bfloat16)) and torch.equal(sin16, sin32.to(torch.bfloat16))
+    # What the test guards against: angles from a bf16 inv_freq drift far (up to ~1 at these positions).
+    drifted = (positions[..., None].float() * model.model.rotary_emb.compute_inv_freq().bfloat16().float()).cos()
+    assert (drifted - cos32[0, 0, :, :64]).abs().max() > 0.1
+    # A bf16 checkpoint loaded with dtype=bfloat16 builds the same float32 table.
+    save_tiny_cogvlm(tmp_path, cogvlm2=cogvlm2)
+    loaded = CogVLMForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(loaded.model.rotary_emb.inv_freq, loaded.model.rotary_emb.compute_inv_freq(), rtol=0,
+                               atol=0)

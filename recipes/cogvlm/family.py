@@ -2,13 +2,18 @@
 
 Objective: next-token cross-entropy on the answer tokens and EOS only (labels -100 elsewhere, built by
 `prompting.build_conversation_input_ids`), as the official captcha finetune (THUDM/CogVLM `finetune_demo/
-finetune_cogvlm_demo.py`, `forward_step`). Evaluation: greedy decoding of the prompt, then `acc` (exact match)
-and `acc_w/o_case` (case-insensitive), the metrics of its `forward_step_eval`, on whitespace-stripped strings.
+finetune_cogvlm_demo.py`, `forward_step`). Evaluation: greedy decoding of the prompt (transformers' `generate`),
+then `acc` (exact match) and `acc_w/o_case` (case-insensitive), the metrics of its `forward_step_eval`, on
+whitespace-stripped strings, and `cer` (character error rate: edit distance / label length), which shows progress
+before whole answers are right.
+The same family serves CogVLM2 (`conf/model/cogvlm2.yaml`): its differences live in the checkpoint's config.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,7 +28,7 @@ from finetune.hub import resolve_pretrained
 from .configuration_cogvlm import CogVLMConfig
 from .modeling_cogvlm import CogVLMForCausalLM
 from .prompting import CogVLMProcessor
-from .tiny import save_tiny_cogvlm
+from .tiny import save_tiny_cogvlm, tiny_cogvlm_config
 
 # Names for `model.lora_targets` -> peft target names (a module matches when its qualified name ends with one).
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -47,24 +52,59 @@ def lora_target_modules(names) -> tuple[str, ...]:
     return tuple(target for name in names for target in LORA_TARGETS[name])
 
 
+TINY_KEYS = {"seed", "cogvlm2", "image_size"}  # besides CogVLMConfig's fields: tiny_cogvlm_config's own arguments
+
+
+def _plain(value):
+    """A Hydra/OmegaConf node as plain dicts and lists (hashable through JSON)."""
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    return value
+
+
+def resolve_model(path: str, tiny: dict | None = None) -> str:
+    """The local checkpoint folder of `model.path`. For `tiny`, the tiny model built with the `model.tiny` settings
+    (`recipes/cogvlm/tiny.py`), cached per settings: `cogvlm` without any, `cogvlm-<hash of the settings>` with."""
+    tiny = _plain(tiny or {})
+    unknown = sorted(set(tiny) - TINY_KEYS - set(CogVLMConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"model.tiny has unknown keys {unknown}: use tiny_cogvlm_config's arguments "
+                         f"({', '.join(sorted(TINY_KEYS))}) or CogVLMConfig fields, "
+                         f"e.g. model.tiny.initializer_range=0.1")
+    family = "cogvlm"
+    if path == "tiny" and tiny:
+        tiny_cogvlm_config(**{k: v for k, v in tiny.items() if k != "seed"})  # bad values fail here, before building
+        family += "-" + hashlib.sha1(json.dumps(tiny, sort_keys=True).encode()).hexdigest()[:10]
+    return resolve_pretrained(path, family=family, build_tiny=functools.partial(save_tiny_cogvlm, **tiny),
+                              marker="config.json")
+
+
 def load_tokenizer(model_dir: str | os.PathLike, tokenizer_path: str | None = "lmsys/vicuna-7b-v1.5"):
-    """The tokenizer in the model folder when it has one (the tiny model, merged exports), else `tokenizer_path`:
-    the THUDM/cogvlm-*-hf repositories ship none and use lmsys/vicuna-7b-v1.5's."""
+    """The tokenizer in the model folder when it has one (the tiny model, merged exports, THUDM/cogvlm2-*), else
+    `tokenizer_path`: the THUDM/cogvlm-*-hf repositories ship none and use lmsys/vicuna-7b-v1.5's. Without a pad
+    token, the checkpoint's `pad_token_id` pads (CogVLM: <unk> 0; CogVLM2: 128002, as its demos pass)."""
     from transformers import AutoTokenizer
 
     local = any((Path(model_dir) / f).exists() for f in TOKENIZER_FILES)
+    config = CogVLMConfig.from_pretrained(model_dir)
     try:
         if local:  # the config is passed so AutoTokenizer does not re-read config.json as an unknown model type
-            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), config=CogVLMConfig.from_pretrained(model_dir))
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), config=config)
+        elif tokenizer_path is None:
+            raise FileNotFoundError(f"{model_dir} has no tokenizer")
         else:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     except Exception as err:
         raise FileNotFoundError(
             f"no tokenizer in {model_dir} and tokenizer_path={tokenizer_path!r} could not be loaded "
-            f"({type(err).__name__}). Download it (`hf download lmsys/vicuna-7b-v1.5 --local-dir DIR`) and pass "
-            f"model.tokenizer_path=DIR.") from None
-    if tokenizer.pad_token_id is None:  # CogVLM pads (and fills image slots) with <unk> = 0
-        tokenizer.pad_token = tokenizer.unk_token
+            f"({type(err).__name__}). Download it (CogVLM: `hf download lmsys/vicuna-7b-v1.5 --local-dir DIR`) and "
+            f"pass model.tokenizer_path=DIR.") from None
+    if tokenizer.pad_token_id is None:  # CogVLM pads (and fills image slots) with <unk> = 0, CogVLM2 with 128002
+        if config.pad_token_id is None:
+            raise ValueError(f"neither the tokenizer nor {model_dir}/config.json names a pad token: set pad_token_id.")
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
     return tokenizer
 
 
@@ -72,56 +112,87 @@ def decode_answers(tokenizer, new_tokens: torch.Tensor) -> list[str]:
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+@torch.no_grad()
+def generate_answers(model, tokenizer, input_ids, images, token_type_ids, attention_mask,
+                     max_new_tokens: int = 10) -> list[str]:
+    """Greedy decoding with transformers' `generate` (KV cache, left-padded batch): the answers as text."""
+    output = model.generate(input_ids=input_ids, images=images, token_type_ids=token_type_ids,
+                            attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return decode_answers(tokenizer, output[:, input_ids.shape[1]:])
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest single-character insertions, deletions and substitutions from a to b."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
 def exact_match(predictions: list[str], labels: list[str]) -> dict[str, list[float]]:
-    """Per-sample `acc` (exact) and `acc_w/o_case` (case-insensitive) on whitespace-stripped strings."""
+    """Per-sample `acc` (exact), `acc_w/o_case` (case-insensitive) and `cer` (character error rate: edit distance
+    over the label's length, so 0 is perfect and an empty or wholly wrong answer is 1 or more) on
+    whitespace-stripped strings."""
     pairs = [(p.strip(), t.strip()) for p, t in zip(predictions, labels, strict=True)]
-    return {"acc": [float(p == t) for p, t in pairs], "acc_w/o_case": [float(p.lower() == t.lower()) for p, t in pairs]}
+    return {"acc": [float(p == t) for p, t in pairs], "acc_w/o_case": [float(p.lower() == t.lower()) for p, t in pairs],
+            "cer": [edit_distance(p, t) / max(len(t), 1) for p, t in pairs]}
 
 
 
 class CogVLM(ModelFamily):
-    """CogVLM (THUDM/cogvlm-base-490-hf, -base-224-hf, -chat-hf) on the native model of `recipes.cogvlm`.
+    """CogVLM (THUDM/cogvlm-base-490-hf, -base-224-hf, -chat-hf) and CogVLM2 (THUDM/cogvlm2-llama3-chat-19B) on the
+    native model of `recipes.cogvlm`.
 
     Args:
         path: hub id, a local checkpoint folder (config.json + safetensors), or `tiny`.
-        tokenizer_path: used when the model folder has no tokenizer (the THUDM repos have none).
+        tokenizer_path: used when the model folder has no tokenizer (the THUDM/cogvlm-*-hf repos have none; the
+            CogVLM2 ones do: null).
         dtype: weights of the base model (bf16 as the official finetune); trainable weights stay fp32.
         lora_targets: what LoRA adapts, by name (`LORA_TARGETS`); the official recipe: language expert attention
             and ViT attention. Used when `adapter.target_modules` is null.
         max_new_tokens: greedy decoding budget in evaluation (captcha labels: 4-6 characters + EOS).
         prompt: the query put after the image; the answer to learn is the sample's label ("CAPTCHA:" officially).
         template_version: base, chat or vqa; null takes the checkpoint's (base for cogvlm-base-490-hf).
+        tiny: with path=tiny, the tiny model's settings (`recipes/cogvlm/tiny.py` `tiny_cogvlm_config`: cogvlm2,
+            image_size, or any CogVLMConfig field such as initializer_range); each set of settings is built once.
     """
 
     setting_ranges = {"max_new_tokens": ">=1"}  # checked by finetune.validate before anything is built
 
-    def __init__(self, path: str = "THUDM/cogvlm-base-490-hf", tokenizer_path: str = "lmsys/vicuna-7b-v1.5",
+    def __init__(self, path: str = "THUDM/cogvlm-base-490-hf", tokenizer_path: str | None = "lmsys/vicuna-7b-v1.5",
                  dtype: str = "bf16", lora_targets: list[str] = ("language_expert_attention", "vit_attention"),
-                 max_new_tokens: int = 10, prompt: str = "CAPTCHA:", template_version: str | None = None):
+                 max_new_tokens: int = 10, prompt: str = "CAPTCHA:", template_version: str | None = None,
+                 tiny: dict | None = None):
         super().__init__()
         self.lora_target_modules = lora_target_modules(lora_targets)
         self.path, self.max_new_tokens, self.weight_dtype = path, max_new_tokens, parse_dtype(dtype)
         self.processor = self.data_processor(path=path, tokenizer_path=tokenizer_path, prompt=prompt,
-                                             template_version=template_version)
+                                             template_version=template_version, tiny=tiny)
         self.local_path, self.tokenizer = self.processor.model_dir, self.processor.tokenizer
         self.model = CogVLMForCausalLM.from_pretrained(self.local_path, dtype=self.weight_dtype)
         self.model.requires_grad_(False)
 
     @classmethod
-    def data_processor(cls, path: str = "THUDM/cogvlm-base-490-hf", tokenizer_path: str = "lmsys/vicuna-7b-v1.5",
-                       prompt: str = "CAPTCHA:", template_version: str | None = None, **_) -> CogVLMProcessor:
+    def data_processor(cls, path: str = "THUDM/cogvlm-base-490-hf", tokenizer_path: str | None = "lmsys/vicuna-7b-v1.5",
+                       prompt: str = "CAPTCHA:", template_version: str | None = None, tiny: dict | None = None,
+                       **_) -> CogVLMProcessor:
         """The tokenizer, template and image size of the checkpoint (config and tokenizer only, no weights)."""
-        local = resolve_pretrained(path, family="cogvlm", build_tiny=save_tiny_cogvlm, marker="config.json")
+        local = resolve_model(path, tiny)
         config = CogVLMConfig.from_pretrained(local)
         return CogVLMProcessor(load_tokenizer(local, tokenizer_path), prompt, template_version or config.template_version,
                                config.vision_config["image_size"], config.num_image_tokens, model_dir=local)
 
     @classmethod
-    def trainable_module_names(cls, path: str = "THUDM/cogvlm-base-490-hf", **_) -> dict[str, str]:
+    def trainable_module_names(cls, path: str = "THUDM/cogvlm-base-490-hf", tiny: dict | None = None,
+                               **_) -> dict[str, str]:
         """Qualified name -> class name of every submodule of the model, built from its config.json on the meta
         device (no weights read, no memory): what `adapter.target_modules` and `adapter.modules` must match,
         checked before the model loads (`finetune.validate.check_trainable_modules`)."""
-        local = resolve_pretrained(path, family="cogvlm", build_tiny=save_tiny_cogvlm, marker="config.json")
+        local = resolve_model(path, tiny)
         with torch.device("meta"):
             model = CogVLMForCausalLM(CogVLMConfig.from_pretrained(local))
         return {name: type(module).__name__ for name, module in model.named_modules() if name}
@@ -139,16 +210,14 @@ class CogVLM(ModelFamily):
 
     @torch.no_grad()
     def predict(self, input_ids, images, token_type_ids, attention_mask) -> list[str]:
-        new_tokens = self.model.greedy_generate(input_ids, images=images, token_type_ids=token_type_ids,
-                                                attention_mask=attention_mask, max_new_tokens=self.max_new_tokens,
-                                                eos_token_id=self.tokenizer.eos_token_id,
-                                                pad_token_id=self.tokenizer.pad_token_id)
-        return decode_answers(self.tokenizer, new_tokens)
+        """Greedy answers of left-padded prompts, decoded by transformers' `generate` (KV cache)."""
+        return generate_answers(self.model, self.tokenizer, input_ids, images, token_type_ids, attention_mask,
+                                self.max_new_tokens)
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> Evaluation:
-        """`loss` on the labelled batch, then greedy decoding of the prompts: `acc`, `acc_w/o_case`, and a row
-        per sample (key, label, prediction, scores)."""
+        """`loss` on the labelled batch, then greedy decoding of the prompts: `acc`, `acc_w/o_case`, `cer`, and a
+        row per sample (key, label, prediction, scores)."""
         loss = self.training_loss(batch)
         predictions = self.predict(batch["prompt_input_ids"], batch["images"], batch["prompt_token_type_ids"],
                                    batch["prompt_attention_mask"])

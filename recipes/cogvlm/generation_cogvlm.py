@@ -1,21 +1,49 @@
-"""Greedy decoding for CogVLM, with or without the KV cache, on left-padded batches.
+"""Decoding for CogVLM: transformers' `generate`, and the kit's own greedy loop that the tests hold it to.
 
-transformers' `generate` is not used: it does not know CogVLM's token types, image inputs or position rule
-(every image patch shares one position), and its cache classes change between major versions. This loop is the
-reference the tests check the cache against.
+`generate` works as for any causal LM (greedy, sampling, beam search, KV cache, left-padded batches):
+
+    out = model.generate(input_ids=ids, images=images, token_type_ids=types, attention_mask=mask, max_new_tokens=10)
+    answers = out[:, ids.shape[1]:]
+
+What it does not know about CogVLM is supplied here, in `prepare_inputs_for_generation`: the position ids follow
+the CogVLM rule (every image patch shares one position, `build_position_ids`) instead of counting tokens; the images
+go in with the prompt only (a cached step is a language token); `token_type_ids` are cut to the new tokens (generate
+extends them with the prompt's last type, 0, which is what a generated token is).
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import GenerationMixin
 
 
-class CogVLMGenerationMixin:
-    """Adds `greedy_generate` to `CogVLMForCausalLM`."""
+class CogVLMGenerationMixin(GenerationMixin):
+    """transformers' `generate` for `CogVLMForCausalLM`, plus `greedy_generate` (the reference loop)."""
 
-    def prepare_inputs_for_generation(self, input_ids, **kwargs):
-        # peft's PeftModelForCausalLM (task_type="CAUSAL_LM") reads this attribute when it wraps a model.
-        return {"input_ids": input_ids, **kwargs}
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      token_type_ids=None, images=None, position_ids=None, use_cache=True, **kwargs):
+        # `position_ids` from generate count tokens (attention_mask.cumsum), which is wrong for CogVLM: recomputed.
+        # peft's PeftModelForCausalLM calls this too, with the same arguments.
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        from .modeling_cogvlm import build_position_ids
+
+        positions = build_position_ids(token_type_ids, attention_mask)
+        inputs = {
+            "input_ids": input_ids[:, past_length:],
+            "token_type_ids": token_type_ids[:, past_length:],
+            "position_ids": positions[:, past_length:],
+            "attention_mask": attention_mask,
+            "images": images if past_length == 0 else None,  # the prompt's image features are in the cache
+            "past_key_values": past_key_values,
+            "use_cache": use_cache,
+        }
+        kwargs.pop("next_sequence_length", None)
+        kwargs.pop("is_first_iteration", None)
+        return {**kwargs, **inputs}
 
     @torch.no_grad()
     def greedy_generate(
@@ -31,9 +59,10 @@ class CogVLMGenerationMixin:
     ) -> torch.LongTensor:
         """Greedy continuation of left-padded prompts; returns only the new tokens, [B, n <= max_new_tokens].
 
-        A sample stops after its first EOS (kept in the output); its later slots are pad_token_id. New tokens are
-        language tokens (type 0) at positions last + 1, last + 2, ... With use_cache=False every step re-encodes the
-        whole sequence (images included) and rebuilds the position ids: slow, but independent of the cache.
+        The kit's own loop, independent of `generate` (the tests check one against the other). A sample stops after
+        its first EOS (kept in the output); its later slots are pad_token_id. New tokens are language tokens (type 0)
+        at positions last + 1, last + 2, ... With use_cache=False every step re-encodes the whole sequence (images
+        included) and rebuilds the position ids: slow, but independent of the cache.
         """
         eos_token_id = self.config.eos_token_id if eos_token_id is None else eos_token_id
         pad_token_id = self.config.pad_token_id if pad_token_id is None else pad_token_id
@@ -59,7 +88,7 @@ class CogVLMGenerationMixin:
                 attention_mask=attention_mask,
                 past_key_values=cache,
                 use_cache=use_cache,
-                num_logits_to_keep=1,
+                logits_to_keep=1,
             )
             next_token = out.logits[:, -1].argmax(-1)
             next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)

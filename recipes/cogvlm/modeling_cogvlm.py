@@ -6,18 +6,17 @@ output projections and whose MLP exist twice, a language expert and a vision exp
 `token_type_ids` (0 language, 1 vision). The parameter names are those of the published checkpoints, so
 `CogVLMForCausalLM.from_pretrained` reads their sharded safetensors without any renaming.
 
-The KV cache is a `CogVLMKVCache`: the (key, value) pair of every layer plus the next position id of every
-sample, because CogVLM positions are not token indices (all image patches share one position).
+The KV cache is transformers' `DynamicCache` (`CogVLMKVCache` adds the next position id of every sample, because
+CogVLM positions are not token indices: all image patches share one position), so transformers' `generate` works
+as with any causal LM (`generation_cogvlm.py` gives it the CogVLM positions and token types).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -92,7 +91,12 @@ class CogVLMRMSNorm(nn.Module):
 
 class CogVLMRotaryEmbedding(nn.Module):
     """GPT-NeoX style (non-interleaved, rotate_half) rotary embedding, as the published FastRotaryEmbedding with
-    interleaved=False. Angles are computed in float32 from explicit position ids."""
+    interleaved=False, from explicit position ids.
+
+    The frequencies and angles stay float32 whatever the model's dtype, as in transformers' own rotary classes: a
+    bf16 `inv_freq` (what `model.to(torch.bfloat16)` makes of a float buffer) moves the angles by up to
+    position * 2**-9 rad, far beyond bf16's resolution of cos/sin. Only the finished cos/sin tables are cast.
+    """
 
     def __init__(self, config: CogVLMConfig):
         super().__init__()
@@ -105,10 +109,21 @@ class CogVLMRotaryEmbedding(nn.Module):
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
         return 1.0 / (self.base**exponents)
 
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(dtype)`, `.half()`, `.bfloat16()` cast every float buffer: recompute this one in float32 afterwards.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self.compute_inv_freq(self.inv_freq.device)
+        return self
+
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = position_ids[..., None].float() * self.inv_freq.float()  # [B, L, head_dim / 2]
-        angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, L, head_dim]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:  # set from outside (e.g. a buffer copied in another dtype)
+            inv_freq = self.compute_inv_freq(position_ids.device)
+        with torch.autocast(device_type=position_ids.device.type, enabled=False):  # no bf16 angles under autocast
+            angles = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # [B, L, head_dim / 2]
+            angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, L, head_dim]
+            return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -141,8 +156,9 @@ class CogVLMExpertMLP(nn.Module):
 class CogVLMExpertAttention(nn.Module):
     """Causal self-attention whose QKV and output projections are chosen per token (vision or language expert)."""
 
-    def __init__(self, config: CogVLMConfig):
+    def __init__(self, config: CogVLMConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -154,7 +170,7 @@ class CogVLMExpertAttention(nn.Module):
         self.language_expert_query_key_value = nn.Linear(hidden, qkv_size, bias=False)
         self.language_expert_dense = nn.Linear(hidden, hidden, bias=False)
 
-    def forward(self, x, vision_mask, cos, sin, attention_mask, layer_past=None):
+    def forward(self, x, vision_mask, cos, sin, attention_mask, past_key_values=None):
         batch, length, _ = x.shape
         qkv = _route(x, vision_mask, self.vision_expert_query_key_value, self.language_expert_query_key_value)
         kv_width = self.num_kv_heads * self.head_dim
@@ -163,44 +179,39 @@ class CogVLMExpertAttention(nn.Module):
         k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        if layer_past is not None:
-            k, v = torch.cat((layer_past[0], k), dim=2), torch.cat((layer_past[1], v), dim=2)
-        present = (k, v)
+        if past_key_values is not None:  # the cache keeps the (GQA-narrow) keys and values of earlier tokens
+            k, v = past_key_values.update(k, v, self.layer_idx)
         if self.num_kv_heads != self.num_heads:  # GQA: query head h reads KV head h // group
             group = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-        return _route(out, vision_mask, self.vision_expert_dense, self.language_expert_dense), present
+        return _route(out, vision_mask, self.vision_expert_dense, self.language_expert_dense)
 
 
 class CogVLMDecoderLayer(GradientCheckpointingLayer):
-    def __init__(self, config: CogVLMConfig):
+    def __init__(self, config: CogVLMConfig, layer_idx: int = 0):
         super().__init__()
-        self.self_attn = CogVLMExpertAttention(config)
+        self.self_attn = CogVLMExpertAttention(config, layer_idx)
         self.mlp = CogVLMExpertMLP(config)
         self.input_layernorm = CogVLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = CogVLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, vision_mask, cos, sin, attention_mask, layer_past=None, use_cache=False):
-        # `layer_past`/`use_cache` are keywords so that GradientCheckpointingLayer drops them while checkpointing.
-        attn_out, present = self.self_attn(
-            self.input_layernorm(hidden_states), vision_mask, cos, sin, attention_mask, layer_past
+    def forward(self, hidden_states, vision_mask, cos, sin, attention_mask, past_key_values=None):
+        # `past_key_values` is a keyword so that GradientCheckpointingLayer drops it while checkpointing.
+        hidden_states = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), vision_mask, cos, sin, attention_mask, past_key_values
         )
-        hidden_states = hidden_states + attn_out
-        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), vision_mask)
-        return hidden_states, (present if use_cache else None)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), vision_mask)
 
 
-@dataclass
-class CogVLMKVCache:
-    """Per-layer (key, value) tensors [B, kv_heads, T, head_dim] and the next position id of every sample [B]."""
+class CogVLMKVCache(DynamicCache):
+    """transformers' `DynamicCache` (per-layer keys and values [B, kv_heads, T, head_dim]) that also remembers the
+    next position id of every sample [B] (`next_position_ids`), so a cached step needs no position_ids. Any
+    `transformers.Cache` works as `past_key_values`; with another one, cached steps must pass position_ids (as
+    `generate` does through `prepare_inputs_for_generation`)."""
 
-    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     next_position_ids: torch.Tensor | None = None
-
-    def get_seq_length(self) -> int:
-        return self.layers[0][0].shape[2] if self.layers else 0
 
 
 def _causal_padding_mask(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
@@ -252,7 +263,7 @@ class CogVLMModel(CogVLMPreTrainedModel):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([CogVLMDecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([CogVLMDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = CogVLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = CogVLMRotaryEmbedding(config)
         self.vision = CogVLMVisionModel(config)
@@ -297,17 +308,20 @@ class CogVLMModel(CogVLMPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: CogVLMKVCache | None = None,
+        past_key_values: DynamicCache | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """attention_mask covers past + new tokens (1 real, 0 padding); position_ids default to the CogVLM rule
-        (prefill) or continue from the cache (cached steps). use_cache defaults to config.use_cache in eval mode
-        and to False in training, where a returned cache would only pin memory."""
+        (prefill) or continue from a `CogVLMKVCache` (cached steps). use_cache defaults to config.use_cache in eval
+        mode and to False in training, where a returned cache would only pin memory. A given cache is extended in
+        place (as transformers' caches are)."""
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
             use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = CogVLMKVCache()
         batch, length = input_ids.shape
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if token_type_ids is None:
@@ -321,8 +335,12 @@ class CogVLMModel(CogVLMPreTrainedModel):
             )
         if position_ids is None:
             if past_length:
+                next_position_ids = getattr(past_key_values, "next_position_ids", None)
+                if next_position_ids is None:
+                    raise ValueError("cached steps need position_ids (CogVLM positions are not token counts) or a "
+                                     "CogVLMKVCache filled by this model, which remembers them.")
                 steps = torch.arange(length, device=input_ids.device)
-                position_ids = past_key_values.next_position_ids[:, None] + steps
+                position_ids = next_position_ids[:, None] + steps
             else:
                 position_ids = build_position_ids(token_type_ids, attention_mask)
 
@@ -331,17 +349,12 @@ class CogVLMModel(CogVLMPreTrainedModel):
         vision_mask = vision_mask if bool(vision_mask.any()) else None  # one host sync here, not one per expert call
         cos, sin = self.rotary_emb(position_ids, hidden_states.dtype)
         mask = _causal_padding_mask(attention_mask, length)
-        presents = []
-        for index, layer in enumerate(self.layers):
-            layer_past = past_key_values.layers[index] if past_length else None
-            hidden_states, present = layer(
-                hidden_states, vision_mask, cos, sin, mask, layer_past=layer_past, use_cache=use_cache
-            )
-            presents.append(present)
-        cache = None
-        if use_cache:
-            cache = CogVLMKVCache(layers=presents, next_position_ids=position_ids[:, -1] + 1)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=cache)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, vision_mask, cos, sin, mask, past_key_values=past_key_values)
+        if past_key_values is not None:
+            past_key_values.next_position_ids = position_ids[:, -1] + 1
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
+                                       past_key_values=past_key_values if use_cache else None)
 
 
 class CogVLMForCausalLM(CogVLMGenerationMixin, CogVLMPreTrainedModel):
@@ -373,14 +386,14 @@ class CogVLMForCausalLM(CogVLMGenerationMixin, CogVLMPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: CogVLMKVCache | None = None,
+        past_key_values: DynamicCache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        num_logits_to_keep: int = 0,
+        logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """labels: token ids, -100 where no loss is wanted; the loss is the mean next-token cross-entropy.
-        num_logits_to_keep > 0 computes logits for the last that many positions only (generation)."""
+        logits_to_keep > 0 computes logits for the last that many positions only (generation)."""
         outputs = self.model(
             input_ids=input_ids,
             images=images,
@@ -391,13 +404,13 @@ class CogVLMForCausalLM(CogVLMGenerationMixin, CogVLMPreTrainedModel):
             use_cache=use_cache,
         )
         hidden_states = outputs.last_hidden_state
-        if num_logits_to_keep:
-            hidden_states = hidden_states[:, -num_logits_to_keep:]
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states).float()
         loss = None
         if labels is not None:
-            if num_logits_to_keep:
-                raise ValueError("labels need the logits of every position: leave num_logits_to_keep at 0.")
+            if logits_to_keep:
+                raise ValueError("labels need the logits of every position: leave logits_to_keep at 0.")
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]),
                 labels[:, 1:].reshape(-1).to(logits.device),

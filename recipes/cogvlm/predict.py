@@ -5,7 +5,8 @@
     python -m recipes.cogvlm.predict --model outputs/cogvlm_captcha_sft/RUN/export img1.png   # a merged/full export
 
 Prints one `file<TAB>prediction` line per image. The adapter (a PEFT folder written by the recipe's export) is
-merged into the base weights before decoding; decoding is greedy, as the recipe's evaluation.
+merged into the base weights before decoding; decoding is greedy (transformers' `generate`), as the
+recipe's evaluation.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from PIL import Image
 
 from finetune.family import parse_dtype
 
-from .family import CogVLM, decode_answers
+from .family import CogVLM, generate_answers
 from .modeling_cogvlm import CogVLMForCausalLM
 from .prompting import CogVLMProcessor
 
@@ -35,15 +36,12 @@ def load_model(model_dir: str, adapter: str | None = None, dtype: str = "fp32", 
 
 @torch.no_grad()
 def predict(network, processor: CogVLMProcessor, images: list[Image.Image], max_new_tokens: int = 10) -> list[str]:
-    """Greedy answers to the processor's prompt about each image, as the recipe's evaluation decodes."""
+    """Greedy answers to the processor's prompt about each image, decoded by transformers' `generate` as the recipe's
+    evaluation decodes."""
     batch = {k: v.to(network.device) for k, v in processor.prompt_batch(images).items()}
     dtype = next(network.parameters()).dtype
-    tokenizer = processor.tokenizer
-    new_tokens = network.greedy_generate(batch["input_ids"], images=batch["images"].to(dtype),
-                                         token_type_ids=batch["token_type_ids"], attention_mask=batch["attention_mask"],
-                                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                         pad_token_id=tokenizer.pad_token_id)
-    return decode_answers(tokenizer, new_tokens)
+    return generate_answers(network, processor.tokenizer, batch["input_ids"], batch["images"].to(dtype),
+                            batch["token_type_ids"], batch["attention_mask"], max_new_tokens)
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, str]]:

@@ -47,14 +47,20 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_cogvlm_config(cogvlm2: bool = False, **overrides) -> CogVLMConfig:
+def tiny_cogvlm_config(cogvlm2: bool = False, image_size: int | None = None, **overrides) -> CogVLMConfig:
     """A few-kilobyte CogVLM: decoder 64 wide, 2 layers, 4 heads (head_dim 16); ViT 32 wide, 2 layers, 2 heads.
 
     CogVLM1 layout: 28 px images, 14 px patches -> 2x2 patches -> 4 + 2 image tokens.
     cogvlm2=True switches on CogVLM2's differences: 2 KV heads (GQA), vision-expert QKV bias, rope base 500000 and
     the 2x2 downsample conv (56 px -> 4x4 patches -> 2x2 -> 4 + 2 image tokens).
+    image_size: another image side (a multiple of 14; num_positions follows). overrides: any `CogVLMConfig` field
+    (e.g. initializer_range, hidden_size); a `vision_config` dict is merged into the tiny ViT's settings.
     """
-    image_size = 56 if cogvlm2 else 28
+    image_size = image_size or (56 if cogvlm2 else 28)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_heads=2, image_size=image_size,
+                  patch_size=14)
+    vision.update(overrides.pop("vision_config", None) or {})
+    vision["num_positions"] = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
     settings = dict(
         vocab_size=len(SPECIAL_TOKENS) + 1 + len(string.ascii_letters + string.digits + string.punctuation) + 1,
         hidden_size=64,
@@ -62,15 +68,7 @@ def tiny_cogvlm_config(cogvlm2: bool = False, **overrides) -> CogVLMConfig:
         num_hidden_layers=2,
         num_attention_heads=4,
         template_version="base",
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_heads=2,
-            image_size=image_size,
-            patch_size=14,
-            num_positions=(image_size // 14) ** 2 + 1,
-        ),
+        vision_config=vision,
     )
     if cogvlm2:
         settings.update(num_multi_query_heads=2)
@@ -83,9 +81,10 @@ def build_tiny_cogvlm(seed: int = 0, cogvlm2: bool = False, **overrides) -> CogV
     return CogVLMForCausalLM(tiny_cogvlm_config(cogvlm2=cogvlm2, **overrides)).eval()
 
 
-def save_tiny_cogvlm(directory: str | os.PathLike, seed: int = 0, cogvlm2: bool = False) -> str:
-    """Write a tiny random CogVLM (at least two safetensors shards + index) and its tokenizer into `directory`."""
-    model = build_tiny_cogvlm(seed=seed, cogvlm2=cogvlm2)
+def save_tiny_cogvlm(directory: str | os.PathLike, seed: int = 0, cogvlm2: bool = False, **overrides) -> str:
+    """Write a tiny random CogVLM (at least two safetensors shards + index) and its tokenizer into `directory`;
+    `overrides` as `tiny_cogvlm_config` (the family's `model.tiny` settings)."""
+    model = build_tiny_cogvlm(seed=seed, cogvlm2=cogvlm2, **overrides)
     total_bytes = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
     # A shard limit of a third of the model forces several shards, so loading goes through the index file.
     model.save_pretrained(directory, max_shard_size=total_bytes // 3)
