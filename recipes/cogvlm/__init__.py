@@ -2,13 +2,10 @@
 
 from .configuration_cogvlm import DEFAULT_VISION_CONFIG, CogVLMConfig
 from .modeling_cogvlm import (
-    LANGUAGE_TOKEN_TYPE,
-    VISION_TOKEN_TYPE,
     CogVLMForCausalLM,
     CogVLMKVCache,
     CogVLMModel,
     CogVLMPreTrainedModel,
-    build_position_ids,
     vision_expert_mask,
 )
 from .prompting import (
@@ -20,6 +17,7 @@ from .prompting import (
     history_to_prompt,
     preprocess_image,
 )
+from .tokens import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE, build_position_ids
 from .tiny import (
     build_tiny_cogvlm,
     build_tiny_tokenizer,

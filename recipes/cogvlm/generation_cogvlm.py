@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from transformers import GenerationMixin
 
+from .tokens import build_position_ids
+
 
 class CogVLMGenerationMixin(GenerationMixin):
     """transformers' `generate` for `CogVLMForCausalLM`, plus `greedy_generate` (the reference loop)."""
@@ -29,8 +31,6 @@ class CogVLMGenerationMixin(GenerationMixin):
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        from .modeling_cogvlm import build_position_ids
-
         positions = build_position_ids(token_type_ids, attention_mask)
         inputs = {
             "input_ids": input_ids[:, past_length:],
