@@ -30,6 +30,9 @@ from recipes.cogvideox import CogVideoX  # noqa: E402
 REAL = {
     "2b": dict(num_attention_heads=30, num_layers=30, use_rotary_positional_embeddings=False, snr=3.0),
     "5b": dict(num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True, snr=1.0),
+    # THUDM/CogVideoX1.5-5B: latent frames patched in pairs, no patch bias, rotary grid up to 2400x2400
+    "1.5-5b": dict(num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True, patch_size_t=2,
+                   patch_bias=False, sample_height=300, sample_width=300, sample_frames=81, snr=1.0),
 }
 
 

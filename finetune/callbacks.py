@@ -24,20 +24,13 @@ def _run_dir(trainer: L.Trainer) -> Path:
 
 
 def full_parameters(trainer: L.Trainer, module: L.LightningModule):
-    """Every rank enters: inside, the module's parameters are whole on every rank (FSDP1 shards them,
-    ZeRO-3 partitions them); for DDP and single-device runs nothing changes."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+    """Every rank enters: inside, the module's parameters are whole on every rank (FSDP1 and FSDP2 shard them,
+    ZeRO-3 partitions them); for DDP and single-device runs nothing changes. A LoRA needs only its own tensors
+    gathered (`finetune.strategies.gathered_parameters`)."""
+    from finetune.adapters import LoRA
+    from finetune.strategies import gathered_parameters
 
-    strategy = trainer.strategy
-    if isinstance(strategy, FSDPStrategy):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        return FSDP.summon_full_params(strategy.model, writeback=False, recurse=True)
-    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-    return contextlib.nullcontext()
+    return gathered_parameters(trainer, module, frozen=not isinstance(getattr(module, "adapter", None), LoRA))
 
 
 def generation_requests(prompts: list) -> list[GenerationRequest]:
@@ -48,7 +41,8 @@ def generation_requests(prompts: list) -> list[GenerationRequest]:
 class ValidationSamples(L.Callback):
     """Generate with the real inference pipeline and the current weights at a fixed seed and fixed
     prompts, every `every_n_steps` and at the end; save under `run_dir/samples/step_NNNNNN/` and log
-    to W&B as `val/samples`.
+    to W&B as `val/samples`. With several processes the requests are split across the ranks and the samples
+    gathered to rank zero, which writes and logs them (`share`).
 
     Args:
         prompts: the validation prompts (the same every time, so samples are comparable): strings, or mappings
@@ -70,18 +64,46 @@ class ValidationSamples(L.Callback):
         if step == self.last_step or not self.requests:
             return
         self.last_step = step
+        start, mine = self.share(trainer)
         was_training = module.training
         module.eval()
-        # All ranks generate (sharded strategies need every rank in the forward); rank zero writes.
         # Sampling draws its noise from its own generators; keep the training draws untouched. The pipeline runs
         # the encoders that training from the encoded cache keeps on the CPU: they come to the device meanwhile.
-        with (full_parameters(trainer, module), module.encoders_on_device(), torch.random.fork_rng(devices=[]),
+        with (self._whole_weights(trainer, module), module.encoders_on_device(), torch.random.fork_rng(devices=[]),
               torch.no_grad()):
-            samples = module.family.generate(self.requests, seed=self.seed, **self.generate_kwargs)
+            samples = module.family.generate(mine, seed=self.seed + start, **self.generate_kwargs) if mine else []
         module.train(was_training)
+        samples = gather_to_rank_zero(trainer, samples, sharded=self.splits(trainer))
         if trainer.is_global_zero:
             self._write(trainer, samples, step)
         trainer.strategy.barrier()
+
+    def share(self, trainer: L.Trainer) -> tuple[int, list[GenerationRequest]]:
+        """This rank's requests (a contiguous run, so request i keeps seed + i whichever rank makes it) and the index
+        of its first. Replicated weights (single device, DDP, ZeRO-1/2): the requests are split across ranks, at
+        most one generation apart, so no rank waits long at the gather. Sharded weights (FSDP, FSDP2, ZeRO-3): every
+        rank makes every request in step with the others, since their forwards are collectives."""
+        world, rank = trainer.world_size, trainer.global_rank
+        if not self.splits(trainer):
+            return 0, list(self.requests)
+        base, extra = divmod(len(self.requests), world)
+        start = rank * base + min(rank, extra)
+        return start, list(self.requests[start: start + base + (rank < extra)])
+
+    @staticmethod
+    def splits(trainer: L.Trainer) -> bool:
+        """Whether the requests are split across ranks (several processes, each with whole weights)."""
+        from finetune.strategies import parameters_sharded
+
+        return trainer.world_size > 1 and not parameters_sharded(trainer.strategy)
+
+    @staticmethod
+    def _whole_weights(trainer: L.Trainer, module: L.LightningModule):
+        from finetune.strategies import forward_is_collective
+
+        if forward_is_collective(trainer.strategy):  # FSDP2 gathers each block in its own forward
+            return contextlib.nullcontext()
+        return full_parameters(trainer, module)
 
     def _write(self, trainer: L.Trainer, samples, step: int) -> None:
         paths = save_samples(samples, _run_dir(trainer) / "samples" / f"step_{step:06d}")
@@ -97,15 +119,46 @@ class ValidationSamples(L.Callback):
             self._sample(trainer, module)
 
 
+def gather_to_rank_zero(trainer: L.Trainer, samples: list, sharded: bool) -> list:
+    """Rank zero: every rank's samples in rank order (each rank's a contiguous run of the requests); other ranks:
+    []. `sharded=False` (every rank made every request): rank zero's own."""
+    dist = torch.distributed
+    if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return samples
+    everyone = [None] * trainer.world_size if trainer.is_global_zero else None
+    dist.gather_object(samples if sharded else [], everyone, dst=0)
+    if not trainer.is_global_zero:
+        return []
+    return [sample for part in everyone for sample in part] if sharded else samples
+
+
 class ExportAdapter(L.Callback):
     """Write what was trained in the format inference tools load (`family.export`: e.g. a diffusers LoRA
     file with its rank/alpha metadata, a PEFT adapter folder, or for a full finetune the network in the
     checkpoint's own layout). At the end of training into `run_dir/<dirname>/`, and every `every_n_steps`
-    into `run_dir/<dirname>/step_NNNNNN/`."""
+    into `run_dir/<dirname>/step_NNNNNN/`. `formats`: LoRA file formats to write side by side (the family's
+    `export_formats`, e.g. `[diffusers, comfy]` for CogVideoX: the native ComfyUI file next to the diffusers one);
+    None: the family's own only."""
 
-    def __init__(self, dirname: str = "export", every_n_steps: int = 0):
+    def __init__(self, dirname: str = "export", every_n_steps: int = 0, formats: list[str] | None = None):
         self.dirname, self.every_n_steps = dirname, every_n_steps
+        self.formats = list(formats or [])
         self.written: list[Path] = []
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        """Formats the family cannot write stop the run before training, not at its end."""
+        from finetune.adapters import LoRA
+
+        if not self.formats:
+            return
+        family = module.family
+        extra = [f for f in self.formats if f not in family.export_formats[:1]]
+        unknown = [f for f in extra if f not in family.export_formats]
+        if unknown or (extra and not isinstance(module.adapter, LoRA)):
+            raise ValueError(f"callbacks.export.formats={self.formats}: {type(family).__name__} with "
+                             f"{type(module.adapter).__name__} writes {list(family.export_formats[:1]) or 'its own'}"
+                             + (f" and, for a LoRA, {list(family.export_formats[1:])}" if family.export_formats[1:]
+                                else "") + "; remove " + ", ".join(unknown or extra) + ".")
 
     def export(self, trainer: L.Trainer, module: L.LightningModule, directory: Path) -> None:
         # All ranks gather (a collective under FSDP/ZeRO-3); rank zero writes.
@@ -119,6 +172,8 @@ class ExportAdapter(L.Callback):
                 staging.mkdir(parents=True)
                 try:
                     path = module.family.export(staging, module.adapter)
+                    extra = [module.family.export_format(staging, module.adapter, fmt) for fmt in self.formats
+                             if fmt not in module.family.export_formats[:1]]
                     publish(staging, directory)
                 except OSError as err:
                     raise OSError(err.errno, f"could not write the export {directory} ({err.strerror or err}); the "
@@ -128,6 +183,8 @@ class ExportAdapter(L.Callback):
                 path = directory / Path(path).relative_to(staging)
                 self.written.append(path)
                 rank_zero_info(f"exported {type(module.adapter).__name__} to {path}")
+                for other in extra:
+                    rank_zero_info(f"exported {type(module.adapter).__name__} to {directory / Path(other).name}")
         trainer.strategy.barrier()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:

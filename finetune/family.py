@@ -8,7 +8,8 @@ Required: `trainable_module`, `encode`, `training_loss`, `export`. Optional: `da
 must look like, before any weights load), `cache_namespace` (encodings are computed once and cached:
 `finetune/cache.py`) with `encoders` (what only encoding needs, kept off the accelerator while training reads the
 cache), `generate` (validation samples), `evaluate` (metrics and per-sample rows on a validation batch),
-`load_adapter` (start from or evaluate an export).
+`load_adapter` (start from or evaluate an export), `export_format` with `export_formats` and `lora_names` (other LoRA
+file layouts: the `cogft` command and `callbacks.export.formats`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,17 @@ class ModelFamily(nn.Module, ABC):
     #: default LoRA targets of the official recipe for this family
     lora_target_modules: tuple[str, ...] = ()
 
+    #: class names of the trainable network's repeated transformer blocks: the units `strategy=fsdp2` shards (and
+    #: `strategy=fsdp` wraps) and block swap streams. Empty: the network's own `_no_split_modules` (diffusers and
+    #: transformers models declare them).
+    block_class_names: tuple[str, ...] = ()
+    #: how other tools spell the trained network's module names (`finetune.lora_files.LoraNames`: native ComfyUI,
+    #: SAT), for the `cogft` command and `export_format`; None: the family's own export format only
+    lora_names = None
+    #: the LoRA file formats the family writes, its own (what `export` writes) first; `callbacks.export.formats` may
+    #: ask for any of them, each written by `export_format`
+    export_formats: tuple[str, ...] = ()
+
     @classmethod
     def data_processor(cls, **settings) -> Processor:
         """What the data must look like, from the same settings as the constructor, before any weights load
@@ -122,6 +134,12 @@ class ModelFamily(nn.Module, ABC):
         """Metrics and per-sample rows on a batch of the validation or test split."""
         return Evaluation(metrics={})
 
+    def export_format(self, directory: str | os.PathLike, adapter, fmt: str) -> Path:
+        """Write what `adapter` trained as `fmt` (one of `export_formats` after the first) next to `export`'s file;
+        returns the written file."""
+        raise ValueError(f"{type(self).__name__} writes no {fmt!r} files; callbacks.export.formats takes "
+                         f"{list(self.export_formats) or 'nothing but its own export'}.")
+
     def load_adapter(self, path: str | os.PathLike, adapter) -> None:
         """Load what `export` wrote for `adapter` into the trainable network (`adapter_path=DIR`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot load an exported adapter (adapter_path); "
@@ -133,6 +151,12 @@ class ModelFamily(nn.Module, ABC):
             module.enable_gradient_checkpointing()
         else:
             module.gradient_checkpointing_enable()
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The trainable network's transformer blocks (`block_class_names`), in execution order."""
+        network = self.trainable_module()
+        names = set(self.block_class_names or getattr(network, "_no_split_modules", None) or ())
+        return [module for module in network.modules() if type(module).__name__ in names]
 
     def on_train_mode(self) -> None:
         """Keep frozen parts in eval mode (dropout off) whatever Lightning does with `train()`."""

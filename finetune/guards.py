@@ -70,6 +70,8 @@ class NonFiniteGuard(L.Callback):
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
                 value = torch.stack(torch._foreach_norm(grads, float("inf"))).amax()
+                if hasattr(value, "full_tensor"):  # FSDP2: a DTensor over the ranks' shards; every rank gets the max
+                    value = value.full_tensor()
                 largest = value if largest is None else torch.maximum(largest, value.to(largest.device))
         return largest
 

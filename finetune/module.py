@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from finetune import rng
 from finetune.adapters import Full, LoRA
 from finetune.cache import EncodedCache, precompute
 from finetune.checkpointing import CheckpointError, identity_differences, kit_version
@@ -34,12 +35,28 @@ class FinetuneModule(L.LightningModule):
             (no frozen encoder, e.g. CogVLM) and data modules without a `sample_index` always do the latter.
         cache_dir: where the encodings are kept; None: `<kit cache root>/encoded` ($COGFT_CACHE, by default
             ~/.cache/cog-finetune). Runs share it: entries are keyed by everything they depend on.
+        seed: the run's seed; with several processes each rank draws from its own stream derived from it
+            (`finetune.rng`).
+        fp8_base: store the frozen base's layer weights in float8 and upcast each layer as it runs
+            (`finetune.memory.fp8_weight_storage`; LoRA only).
+        blocks_to_swap: keep the frozen weights of the last N transformer blocks in CPU memory, copied to the
+            accelerator block by block (`finetune.memory.BlockSwap`; single device or DDP).
     """
+
+    setting_ranges = {"blocks_to_swap": ">=0"}  # checked by finetune.validate before anything is built
 
     def __init__(self, family: ModelFamily, adapter: LoRA | Full, optimizer: Callable,
                  lr_scheduler: Callable | None = None, enable_gradient_checkpointing: bool = False,
-                 cache: Literal["on", "off"] | bool = "on", cache_dir: str | None = None):
+                 cache: Literal["on", "off"] | bool = "on", cache_dir: str | None = None, seed: int | None = None,
+                 fp8_base: bool = False, blocks_to_swap: int = 0):
         super().__init__()
+        self.seed = seed
+        if fp8_base:  # before the LoRA exists: only the base layers get the float8 storage
+            from finetune.memory import fp8_weight_storage
+
+            network = family.trainable_module()
+            fp8_weight_storage(network, compute_dtype=next(network.parameters()).dtype)
+        self.blocks_to_swap, self.block_swap = int(blocks_to_swap), None
         self.family = family
         self.adapter = adapter
         self.optimizer_factory = optimizer
@@ -70,6 +87,9 @@ class FinetuneModule(L.LightningModule):
 
     # -- encode once (finetune/cache.py) ----------------------------------------------------------
     def setup(self, stage: str) -> None:
+        # The processes are connected and Lightning has seeded them all alike: each rank takes its own stream.
+        if self.trainer.world_size > 1 and self.seed is not None:
+            rng.seed_rank(self.seed, self.trainer.global_rank)
         # Before the strategy moves (wraps, shards) the module: the encoders only the precompute pass needs leave it.
         self.encodes_once = stage == "fit" and self.cache is not None and self._indexed(self.trainer.datamodule)
         if self.encodes_once:
@@ -79,9 +99,29 @@ class FinetuneModule(L.LightningModule):
         # After the strategy set up (the module on its device, the processes connected), before any batch is loaded.
         if self.encodes_once:
             self.encode_once(self.trainer.datamodule)
+        if self.blocks_to_swap and self.block_swap is None:
+            from finetune.memory import swap_blocks
+            from finetune.strategies import parameters_sharded
+
+            if parameters_sharded(self.trainer.strategy):
+                raise ValueError("module.blocks_to_swap with a sharded strategy (fsdp, fsdp2, deepspeed_zero3): the "
+                                 "strategy already streams the weights; use one of the two.")
+            self.block_swap = swap_blocks(self.family, self.blocks_to_swap, self.device)
 
     def teardown(self, stage: str) -> None:
         self._unpark()
+        if self.block_swap is not None:
+            self.block_swap.remove(self.device)
+            self.block_swap = None
+
+    def configure_model(self) -> None:
+        # Only `strategy=fsdp2` (finetune.strategies.FSDP2Strategy) gives the module a device mesh: shard the family's
+        # transformer blocks with `fully_shard`. Other strategies wrap or replicate the module themselves.
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:
+            from finetune.strategies import shard_family
+
+            shard_family(self.family, mesh, **getattr(self.trainer.strategy, "fully_shard_options", {}))
 
     def encode_once(self, datamodule) -> None:
         """Encode every training sample the cache lacks (each rank its share, with the encoders on this rank's device
@@ -97,8 +137,12 @@ class FinetuneModule(L.LightningModule):
         def encode(batch: dict) -> dict:
             return self.family.encode(move_data_to_device(batch, self.device))
 
-        # whole parameters under FSDP/ZeRO-3 (an image-to-video VAE stays in the sharded module tree)
-        with (full_parameters(trainer, self), self.encoders_on_device(), global_rng_untouched(),
+        # whole parameters under FSDP/ZeRO-3 (an image-to-video VAE stays in the sharded module tree); FSDP2 shards
+        # only the trainable network, which encoding does not run
+        from finetune.strategies import forward_is_collective
+
+        whole = contextlib.nullcontext() if forward_is_collective(trainer.strategy) else full_parameters(trainer, self)
+        with (whole, self.encoders_on_device(), global_rng_untouched(),
               trainer.precision_plugin.forward_context()):
             precompute(self.cache, datamodule, encode, rank=trainer.global_rank, world_size=trainer.world_size,
                        barrier=trainer.strategy.barrier, progress=trainer.is_global_zero)
@@ -175,6 +219,8 @@ class FinetuneModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         self.batches_trained += 1
+        if self.block_swap is not None:
+            self.block_swap.release()
 
     def on_fit_end(self) -> None:
         # Here, in the process that trained (also under ddp_spawn), after the export: a run that trained no
@@ -211,10 +257,9 @@ class FinetuneModule(L.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["cogft"] = self.identity  # what it was trained for: checked when it is loaded
-        # The noise and timestep draws continue exactly where they stopped after a resume.
-        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+        # The noise and timestep draws continue exactly where they stopped after a resume: every rank's stream
+        # (a collective: every rank builds the checkpoint dict, the strategy writes it once).
+        checkpoint["rng_state"] = rng.checkpoint_entry(self.trainer.strategy if self._trainer else None)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         differences = identity_differences(checkpoint.get("cogft", {}), self.identity)
@@ -222,6 +267,9 @@ class FinetuneModule(L.LightningModule):
             raise CheckpointError("the checkpoint was trained for something else: " + "; ".join(differences)
                                   + ". Pass the matching recipe and settings, or another ckpt_path.")
         expected = self.trainable_state_dict()
+        if "state_dict" not in checkpoint:  # fsdp2, deepspeed: the strategy loaded the weights into the model itself
+            checkpoint["state_dict"] = {}
+            expected = {}
         missing = set(expected) - set(checkpoint["state_dict"])
         if missing:
             raise CheckpointError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}): "
@@ -231,11 +279,9 @@ class FinetuneModule(L.LightningModule):
                 raise CheckpointError(f"checkpoint tensor {name} has shape {tuple(saved.shape)}, this run's "
                                       f"{tuple(expected[name].shape)}: it was trained with other adapter settings "
                                       f"(e.g. adapter.rank); pass the settings it was trained with.")
-        rng = checkpoint.get("rng_state")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+        trainer = self._trainer
+        rng.restore_from_checkpoint(checkpoint.get("rng_state"), self.seed, trainer.global_rank if trainer else 0,
+                                    trainer.world_size if trainer else 1, int(checkpoint.get("global_step", 0)))
 
 
 def encoded_cache(family: ModelFamily, cache: str | bool, cache_dir: str | None) -> EncodedCache | None:

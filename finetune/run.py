@@ -32,7 +32,7 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if ckpt_path in (None, ""):
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if not path.is_file():
+    if not path.exists():  # a file, or a folder (deepspeed, fsdp2 with save_distributed_checkpoint=true)
         hint = ("pass run_dir=<the interrupted run's directory> with ckpt_path=last"
                 if ckpt_path == "last" else "check the path")
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: {path} does not exist; {hint}.")
@@ -43,7 +43,7 @@ def build_module(cfg: DictConfig) -> FinetuneModule:
     """The LightningModule a config names: its family (the model is loaded here), adapter, optimizer."""
     return FinetuneModule(family=instantiate(cfg.model), adapter=instantiate(cfg.adapter),
                           optimizer=instantiate(cfg.optimizer), lr_scheduler=instantiate(cfg.lr_scheduler),
-                          **cfg.module)
+                          seed=cfg.get("seed"), **cfg.module)
 
 
 def family_data_processor(model_cfg: DictConfig):

@@ -22,6 +22,7 @@ import torch
 from finetune.data import DataError, Processor, VideoSpec
 from finetune.family import GenerationRequest, Sample, parse_dtype
 from finetune.hub import resolve_pretrained
+from recipes.cogvideox_keys import COGVIDEOX_LORA_NAMES
 from recipes.diffusers_family import DiffusersFamily
 from recipes.diffusion import sample_latents, v_prediction_loss
 
@@ -94,6 +95,9 @@ class CogVideoX(DiffusersFamily):
     """
 
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    block_class_names = ("CogVideoXBlock",)  # what fsdp2 shards and block swap streams
+    lora_names = COGVIDEOX_LORA_NAMES  # native ComfyUI and SAT spellings (recipes/cogvideox_keys.py)
+    export_formats = ("diffusers", "comfy", "kohya")  # callbacks.export.formats=[diffusers,comfy]
     pipeline_class = "CogVideoXPipeline"
     setting_ranges = {"height": ">0", "width": ">0", "num_frames": ">=1",
                       "max_sequence_length": ">=1"}  # checked by finetune.validate before anything is built
@@ -194,7 +198,7 @@ class CogVideoX(DiffusersFamily):
     def training_loss(self, encoded: dict, noise: torch.Tensor | None = None,
                       timesteps: torch.Tensor | None = None) -> torch.Tensor:
         x0 = self.sample_latents(encoded)
-        dtype = self.transformer.dtype
+        dtype = self.transformer_dtype
         prompt_embeds, rotary = encoded["prompt_embeds"].to(dtype), self.rotary_embeddings(x0)
 
         def predict(x_t, t):

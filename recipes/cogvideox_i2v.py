@@ -117,7 +117,7 @@ class CogVideoXImageToVideo(CogVideoX):
             image_latents = image_latents * keep.to(x_t).view(-1, 1, 1, 1, 1)
         extra = {}
         if self.transformer.config.ofs_embed_dim is not None:
-            extra["ofs"] = torch.full((1,), OFS, dtype=self.transformer.dtype, device=x_t.device)
+            extra["ofs"] = torch.full((1,), OFS, dtype=self.transformer_dtype, device=x_t.device)
         return torch.cat([x_t, image_latents], dim=2), extra
 
     # -- sampling -------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class CogView3Plus(BucketedImageFamily):
     """
 
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    block_class_names = ("CogView3PlusTransformerBlock",)  # what fsdp2 shards and block swap streams
     display_name = "CogView3-Plus"
     transformer_class = "CogView3PlusTransformer2DModel"
     setting_ranges = {"height": ">0", "width": ">0", "max_sequence_length": ">=1", "bucket_pixels": ">0",
@@ -96,7 +97,7 @@ class CogView3Plus(BucketedImageFamily):
                       timesteps: torch.Tensor | None = None) -> torch.Tensor:
         x0 = self.sample_latents(encoded)
         batch, _, h, w = x0.shape
-        scale, dtype = self.pipe.vae_scale_factor, self.transformer.dtype
+        scale, dtype = self.pipe.vae_scale_factor, self.transformer_dtype
         sizes = torch.tensor([[h * scale, w * scale]] * batch, dtype=dtype, device=x0.device)
         prompt_embeds = encoded["prompt_embeds"].to(dtype)
 

@@ -117,6 +117,7 @@ class CogView4(BucketedImageFamily):
     """
 
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    block_class_names = ("CogView4TransformerBlock",)  # what fsdp2 shards and block swap streams
     transformer_class = "CogView4Transformer2DModel"
     setting_ranges = {"height": ">0", "width": ">0", "max_sequence_length": ">=1", "logit_std": ">0",
                       "bucket_pixels": ">0", "min_side": ">0", "max_side": ">0", "bucket_multiple": ">=1",
@@ -207,7 +208,7 @@ class CogView4(BucketedImageFamily):
         batch, _, h, w = x0.shape
         height, width = h * self.pipe.vae_scale_factor, w * self.pipe.vae_scale_factor
         embeds, mask = self.text_inputs(encoded)
-        dtype = self.transformer.dtype
+        dtype = self.transformer_dtype
         sizes = torch.tensor([[height, width]] * batch, dtype=dtype, device=x0.device)
 
         def predict(x_t, timestep):

@@ -30,6 +30,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def no_wandb_run_left_open():
+    """A test that builds a W&B logger without training (`finetune.run.build` alone) leaves its run open, and every
+    later `WandbLogger` in this process would log into it: each test ends with none open (`train` closes its own)."""
+    yield
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cogft-cache")

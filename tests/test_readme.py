@@ -42,6 +42,7 @@ def test_every_train_command_composes():
 
 
 TINY_COMMANDS = [c for c in train_commands() if "preset=tiny" in c and "run_dir=" not in c
+                 and "model.path=outputs/" not in c  # starts from another command's export: chained below
                  and c != "python train.py recipe=cogvideox_lora preset=tiny"]
 
 
@@ -54,6 +55,21 @@ def test_every_tiny_command_runs(command, tmp_path):
     overrides = shlex.split(command)[2:] + [f"run_dir={tmp_path}", "logger=csv"]
     train(compose(overrides))
     assert list((tmp_path / "export").iterdir())
+
+
+@pytest.mark.slow
+def test_cogvlm_demo_commands_chain(tmp_path):
+    """The CogVLM demo's two commands as written, shortened: the LoRA run starts from the SFT run's export."""
+    from finetune.run import train
+
+    sft, lora = [c for c in train_commands() if "cogvlm_demo_sft" in c]
+    assert "run_dir=outputs/cogvlm_demo_sft" in sft and "model.path=outputs/cogvlm_demo_sft/export" in lora
+    short = ["logger=csv", "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1"]
+    train(compose(shlex.split(sft.replace("outputs/cogvlm_demo_sft", str(tmp_path / "sft")))[2:] + short))
+    assert (tmp_path / "sft" / "export" / "config.json").exists()
+    lora = lora.replace("outputs/cogvlm_demo_sft", str(tmp_path / "sft"))
+    train(compose(shlex.split(lora)[2:] + short + [f"run_dir={tmp_path / 'lora'}"]))
+    assert (tmp_path / "lora" / "export" / "adapter_config.json").exists()
 
 
 @pytest.mark.slow

@@ -1,0 +1,142 @@
+"""`cogft`: inspect, export, convert, merge, generate and publish what the kit trains.
+
+    cogft inspect FILE_OR_DIR                     what a LoRA file is, and at which scale each loader applies it
+    cogft export CKPT                             a training checkpoint -> the recipe's export (+ --formats comfy)
+    cogft convert IN OUT --to diffusers|comfy|kohya [--alpha A] [--fold-alpha]
+    cogft merge --recipe R --lora DIR[:SCALE] --out DIR
+    cogft generate --recipe R --prompt TEXT [--image IMG] [--lora DIR[:SCALE]] --out DIR
+    cogft push EXPORT_DIR --repo USER/NAME [--dry-run DIR]
+
+`python train.py recipe=...` trains; this command works on what it wrote. Each subcommand has `--help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import model_names, recipe_names
+
+
+def _family_option(parser) -> None:
+    parser.add_argument("--family", default="cogvideox", choices=model_names(),
+                        help="the model the LoRA is for (conf/model/NAME.yaml): how its module names are spelled by "
+                             "other tools (default: cogvideox, every CogVideoX variant)")
+
+
+def _model_options(parser) -> None:
+    parser.add_argument("--recipe", required=True, choices=recipe_names(), metavar="RECIPE",
+                        help=f"the recipe whose model to load (conf/recipe/RECIPE.yaml): {', '.join(recipe_names())}")
+    parser.add_argument("--preset", default=None, help="e.g. tiny: the recipe's tiny offline model and sizes")
+    parser.add_argument("--model", default=None, help="model.path: a hub id, a local checkpoint folder or `tiny`")
+    parser.add_argument("--dtype", default=None, help="model.dtype: fp32, bf16 or fp16 (default: the recipe's)")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="a LoRA file or export folder in any format `inspect` knows, at SCALE (default 1.0); "
+                             "repeat for several")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cogft", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.split("\n")[2:]))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="what a LoRA file is and how each loader applies it")
+    p.add_argument("path", help="a LoRA .safetensors (or SAT .pt) file, or the folder holding it")
+    _family_option(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("export", help="a training checkpoint to the recipe's export format(s)")
+    p.add_argument("ckpt", help="a Lightning checkpoint (run_dir/checkpoints/last.ckpt; a DeepSpeed folder too)")
+    p.add_argument("--config", default=None, help="the run's config.yaml (default: next to checkpoints/)")
+    p.add_argument("--out", default=None, help="output folder (default: run_dir/export)")
+    p.add_argument("--formats", default="", help="extra LoRA formats, comma-separated: comfy, kohya")
+
+    p = sub.add_parser("convert", help="a LoRA file to diffusers, native ComfyUI or kohya layout")
+    p.add_argument("source", help="the kit's export, a SAT checkpoint, a CogKit adapter_model.safetensors, a "
+                                  "finetrainers or diffusers-example file, a ComfyUI or kohya file")
+    p.add_argument("out", help="a .safetensors path, or a folder (the format's usual file name inside)")
+    p.add_argument("--to", required=True, choices=["diffusers", "comfy", "kohya"])
+    p.add_argument("--alpha", type=float, default=None,
+                   help="the alpha it was trained with, for files that store none (diffusers-example files; CogKit "
+                        "files are assumed alpha 64 at rank 128); overrides what the file says")
+    p.add_argument("--fold-alpha", action="store_true",
+                   help="fold alpha/rank into lora_B and write no alpha: any loader that reads the key names then "
+                        "applies the trained update at strength 1.0")
+    _family_option(p)
+
+    p = sub.add_parser("merge", help="fuse LoRAs into the base model and save a full model")
+    _model_options(p)
+    p.add_argument("--out", required=True, help="output folder (diffusers layout; HF layout for CogVLM)")
+
+    p = sub.add_parser("generate", help="videos, images or captcha readings with a base model and LoRAs")
+    _model_options(p)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    p.add_argument("--image", action="append", default=[],
+                   help="image-to-video: the first frame (one, or one per prompt); CogVLM: the images to read")
+    p.add_argument("--out", required=True, help="output folder: NN.mp4 / NN.png (CogVLM: predictions.tsv)")
+    p.add_argument("--seed", type=int, default=42, help="prompt i uses seed + i")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--frames", type=int, default=None, help="video frames (8N+1; 16N+1 for CogVideoX1.5)")
+    p.add_argument("--fps", type=int, default=None)
+
+    p = sub.add_parser("push", help="upload an adapter with a model card to the Hugging Face Hub")
+    p.add_argument("adapter", help="the export folder (run_dir/export)")
+    p.add_argument("--repo", required=True, help="USER/NAME on the Hub")
+    p.add_argument("--dry-run", default=None, metavar="DIR", help="write exactly what would be uploaded into DIR")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token", default=None, help="default: the saved login (`hf auth login`) or HF_TOKEN")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script: exit status 0 on success (the result is printed, not returned)."""
+    run(sys.argv[1:] if argv is None else argv)
+
+
+def run(argv: list[str]):
+    """Run one subcommand; returns its result (the report, the written paths) for tests and scripts."""
+    args = build_parser().parse_args(argv)
+    from finetune.console import quiet_known_warnings
+
+    quiet_known_warnings()
+    try:
+        return _dispatch(args)
+    except (FileNotFoundError, ValueError) as err:  # bad input: the message names the file or value and the fix
+        raise SystemExit(f"cogft {args.command}: {err}") from None
+
+
+def _dispatch(args):
+    if args.command == "inspect":
+        from .files import main_inspect
+
+        return main_inspect(args)
+    if args.command == "convert":
+        from .files import main_convert
+
+        return main_convert(args)
+    if args.command == "export":
+        from .models import export
+
+        return export(args.ckpt, args.out, args.config, [f for f in args.formats.split(",") if f])
+    if args.command == "merge":
+        from .models import merge
+
+        return merge(args.recipe, args.lora, args.out, args.preset, args.model, args.dtype)
+    if args.command == "generate":
+        from .models import generate
+
+        if not args.prompt and not args.image:
+            raise SystemExit("cogft generate: pass --prompt (diffusion recipes) or --image (CogVLM).")
+        return generate(args.recipe, args.prompt, args.out, args.preset, args.model, args.dtype, args.lora, args.image,
+                        args.seed, args.steps, args.guidance, args.height, args.width, args.frames, args.fps)
+    from .push import push
+
+    return push(args.adapter, args.repo, args.dry_run, args.private, args.token)
+
+
+if __name__ == "__main__":
+    main()

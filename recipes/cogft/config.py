@@ -1,0 +1,47 @@
+"""The kit's configs for the command: a recipe composed as `train.py` composes it (optionally with a preset), and the
+family class a `conf/model/<name>.yaml` names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
+
+
+def family_class(name: str):
+    """The ModelFamily class of `conf/model/<name>.yaml` (cogvideox, cogview4, ...)."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    path = CONF / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"--family {name!r}: no conf/model/{name}.yaml; use one of {', '.join(model_names())}.")
+    return get_class(OmegaConf.load(path)["_target_"])
+
+
+def compose_recipe(recipe: str, preset: str | None = None, overrides: list[str] | None = None):
+    """The config `python train.py recipe=<recipe> [preset=<preset>] <overrides>` runs."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if recipe not in recipe_names():
+        raise SystemExit(f"--recipe {recipe!r}: no conf/recipe/{recipe}.yaml; use one of {', '.join(recipe_names())}.")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=[f"recipe={recipe}"] + ([f"preset={preset}"] if preset else [])
+                       + list(overrides or []))
+
+
+def build_family(cfg):
+    """The model family a composed config names (the model loads here)."""
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.model)
