@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose
 from test_cogvideox_objective import tiny_family
 
 from finetune.adapters import Full
-from finetune.run import train
 from finetune.schedules import warmup_schedule
 
 
