@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from datamodules.sampling import ResumableEpochs
 from datamodules.textfiles import DataError
 
 
@@ -44,7 +45,7 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda hw: (abs(math.log(hw[0] / hw[1]) - aspect), -hw[0] * hw[1]))
 
 
-class BucketBatchSampler(Sampler[list[int]]):
+class BucketBatchSampler(ResumableEpochs, Sampler[list[int]]):
     """Batches of indices from one bucket each, shuffled per epoch, sharded across ranks, resumable.
 
     Every epoch (seeded by `seed + epoch`): indices are shuffled within their bucket, cut into batches of
@@ -55,7 +56,9 @@ class BucketBatchSampler(Sampler[list[int]]):
     shards itself).
 
     `state_dict()` records the epoch and the batches already handed out; torchdata's `StatefulDataLoader`
-    saves it in checkpoints, so a resumed run continues mid-epoch with the same next batch.
+    saves it in checkpoints, so a resumed run continues mid-epoch with the same next batch. The epoch follows
+    Lightning's `set_epoch` and moves on after a pass that handed the whole epoch out
+    (`datamodules.sampling.ResumableEpochs`).
     """
 
     def __init__(self, buckets: list, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
@@ -65,7 +68,12 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.buckets = [tuple(b) for b in buckets]
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self._num_replicas, self._rank = num_replicas, rank
-        self.epoch, self.yielded, self._resume_from = 0, 0, 0
+        self.epoch, self.yielded = 0, 0
+
+    @property
+    def sampler(self) -> BucketBatchSampler:
+        """Lightning calls `set_epoch` on `loader.batch_sampler.sampler`, never on the batch sampler: this one."""
+        return self
 
     def _world(self) -> tuple[int, int]:
         replicas, rank = self._num_replicas, self._rank
@@ -98,24 +106,13 @@ class BucketBatchSampler(Sampler[list[int]]):
             batches += batches[: replicas - len(batches) % replicas]
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def rank_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of `epoch`, in order."""
         replicas, rank = self._world()
-        mine = self.epoch_batches(self.epoch)[rank::replicas]
-        self.yielded = self._resume_from
-        self._resume_from = 0
-        for batch in mine[self.yielded:]:
-            self.yielded += 1
-            yield batch
-        self.epoch += 1  # the next pass is the next epoch (Lightning creates one iterator per epoch)
-        self.yielded = 0
+        return self.epoch_batches(epoch)[rank::replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self._pass(self.rank_batches)
 
     def __len__(self) -> int:
-        replicas, rank = self._world()
-        return len(self.epoch_batches(self.epoch)[rank::replicas])
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "yielded": self.yielded}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._resume_from = int(state["epoch"]), int(state["yielded"])
-        self.yielded = self._resume_from
+        return len(self.rank_batches(self.epoch))

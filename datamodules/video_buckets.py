@@ -50,9 +50,7 @@ class VideoBatchSampler(BucketBatchSampler):
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         if len(set(self.buckets)) != 1:
             return super().epoch_batches(epoch)
-        shuffle = ResumableShuffle(len(self.buckets), seed=self.seed, shuffle=self.shuffle)
-        shuffle.set_epoch(epoch)
-        order = shuffle.order()
+        order = ResumableShuffle(len(self.buckets), seed=self.seed, shuffle=self.shuffle).order(epoch)
         batches = [order[start: start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
