@@ -7,6 +7,8 @@ costs). Library implementations where there is one:
 - 8-bit AdamW: bitsandbytes' `AdamW8bit` (`optimizer=adamw8bit`; CPU and CUDA).
 - Optimizer state and step on the CPU: torchao's `CPUOffloadOptimizer` (`optimizer=adamw_cpu_offload`; CUDA only), or
   DeepSpeed's (`strategy=deepspeed_zero2_offload`).
+- QLoRA, an NF4 base (`model.quantize_base=nf4`): quantized as the family loads it (bitsandbytes through diffusers'
+  `BitsAndBytesConfig`, `recipes/diffusers_family.py`); FP8 storage refuses such a base.
 - Block swap (`module.blocks_to_swap=N`): the frozen weights of the last N transformer blocks live in (pinned) CPU
   memory and are copied to the accelerator just before each block runs (forward, and the recomputation in backward
   under gradient checkpointing), then dropped again: what musubi-tuner and diffusion-pipe offer for other video models.
@@ -28,6 +30,9 @@ def fp8_weight_storage(network: nn.Module, compute_dtype: torch.dtype) -> None:
     if not hasattr(network, "enable_layerwise_casting"):
         raise ValueError(f"module.fp8_base=true: {type(network).__name__} is not a diffusers model (no "
                          f"enable_layerwise_casting); set module.fp8_base=false for this recipe.")
+    if getattr(network, "is_quantized", False):
+        raise ValueError("module.fp8_base=true with a quantized base (model.quantize_base=nf4): its weights already are "
+                         "4-bit; set one of the two.")
     if any(p.requires_grad for p in network.parameters()):
         raise ValueError("module.fp8_base=true stores the frozen base in float8: it cannot train those weights "
                          "(adapter=full); use a LoRA adapter or set module.fp8_base=false.")

@@ -23,7 +23,7 @@ from finetune.data import DataError, Processor, VideoSpec
 from finetune.family import GenerationRequest, Sample, parse_dtype
 from finetune.hub import resolve_pretrained
 from recipes.cogvideox_keys import COGVIDEOX_LORA_NAMES
-from recipes.diffusers_family import DiffusersFamily
+from recipes.diffusers_family import DiffusersFamily, base_quantization, load_pipeline
 from recipes.diffusion import sample_latents, v_prediction_loss
 
 
@@ -91,6 +91,8 @@ class CogVideoX(DiffusersFamily):
         max_sequence_length: T5 tokens (226 in the official recipe).
         enable_vae_tiling: encode/decode 49x480x720 videos in tiles and one sample at a time, as the
             official finetune does: far less memory, tiny seams. No effect below the tile size (240x360).
+        quantize_base: null, or nf4 for QLoRA: the transformer's linear layers stored in 4 bits (bitsandbytes; CUDA,
+            LoRA only, `base_quantization` in recipes/diffusers_family.py).
         pipeline: an already built `CogVideoXPipeline` to wrap instead of loading `path` (see `from_pipeline`).
     """
 
@@ -106,10 +108,11 @@ class CogVideoX(DiffusersFamily):
 
     def __init__(self, path: str = "THUDM/CogVideoX-2b", dtype: str = "bf16", height: int = 480,
                  width: int = 720, num_frames: int = 49, buckets: list | None = None, max_sequence_length: int = 226,
-                 enable_vae_tiling: bool = True, pipeline=None):
+                 enable_vae_tiling: bool = True, quantize_base: str | None = None, pipeline=None):
         super().__init__()
         import diffusers
 
+        quantization = base_quantization(quantize_base, parse_dtype(dtype))  # before anything loads
         self.path, self.dtype_name = path, dtype
         self.height, self.width, self.num_frames = height, width, num_frames
         self.max_sequence_length = max_sequence_length
@@ -117,8 +120,7 @@ class CogVideoX(DiffusersFamily):
         if pipeline is None:
             self.buckets = self.data_processor(path=path, height=height, width=width, num_frames=num_frames,
                                                buckets=buckets).spec.buckets
-            pipeline = getattr(diffusers, self.pipeline_class).from_pretrained(
-                self.checkpoint_dir, dtype=parse_dtype(dtype))
+            pipeline = load_pipeline(self.pipeline_class, self.checkpoint_dir, parse_dtype(dtype), quantization)
         else:
             check_video_settings(height, width, num_frames, pipeline.transformer.config)
             self.buckets = video_buckets(num_frames, height, width, buckets, pipeline.transformer.config)
@@ -227,7 +229,7 @@ class CogVideoX15(CogVideoX):
 
     def __init__(self, path: str = "THUDM/CogVideoX1.5-5B", dtype: str = "bf16", height: int = 768,
                  width: int = 1360, num_frames: int = 81, buckets: list | None = None, max_sequence_length: int = 226,
-                 enable_vae_tiling: bool = True, pipeline=None):
+                 enable_vae_tiling: bool = True, quantize_base: str | None = None, pipeline=None):
         super().__init__(path=path, dtype=dtype, height=height, width=width, num_frames=num_frames, buckets=buckets,
                          max_sequence_length=max_sequence_length, enable_vae_tiling=enable_vae_tiling,
-                         pipeline=pipeline)
+                         quantize_base=quantize_base, pipeline=pipeline)

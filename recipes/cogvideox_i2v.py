@@ -54,10 +54,10 @@ class CogVideoXImageToVideo(CogVideoX):
     def __init__(self, path: str = "THUDM/CogVideoX-5b-I2V", dtype: str = "bf16", height: int = 480,
                  width: int = 720, num_frames: int = 49, buckets: list | None = None, max_sequence_length: int = 226,
                  enable_vae_tiling: bool = True, image_dropout: float = 0.05, cache_image_latents: bool = False,
-                 pipeline=None):
+                 quantize_base: str | None = None, pipeline=None):
         super().__init__(path=path, dtype=dtype, height=height, width=width, num_frames=num_frames, buckets=buckets,
                          max_sequence_length=max_sequence_length, enable_vae_tiling=enable_vae_tiling,
-                         pipeline=pipeline)
+                         quantize_base=quantize_base, pipeline=pipeline)
         self.image_dropout, self.cache_image_latents = image_dropout, cache_image_latents
 
     @classmethod
@@ -159,7 +159,8 @@ class CogVideoX15ImageToVideo(CogVideoXImageToVideo):
     def __init__(self, path: str = "THUDM/CogVideoX1.5-5B-I2V", dtype: str = "bf16", height: int = 768,
                  width: int = 1360, num_frames: int = 81, buckets: list | None = None, max_sequence_length: int = 226,
                  enable_vae_tiling: bool = True, image_dropout: float = 0.05, cache_image_latents: bool = False,
-                 pipeline=None):
+                 quantize_base: str | None = None, pipeline=None):
         super().__init__(path=path, dtype=dtype, height=height, width=width, num_frames=num_frames, buckets=buckets,
                          max_sequence_length=max_sequence_length, enable_vae_tiling=enable_vae_tiling,
-                         image_dropout=image_dropout, cache_image_latents=cache_image_latents, pipeline=pipeline)
+                         image_dropout=image_dropout, cache_image_latents=cache_image_latents,
+                         quantize_base=quantize_base, pipeline=pipeline)

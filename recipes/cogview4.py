@@ -23,7 +23,7 @@ from torch import nn
 from finetune.data import DataError, ImageSpec, Processor
 from finetune.family import GenerationRequest, Sample, parse_dtype
 from finetune.hub import resolve_pretrained
-from recipes.diffusers_family import DiffusersFamily
+from recipes.diffusers_family import DiffusersFamily, base_quantization, load_pipeline
 from recipes.diffusion import FlowMatching, sample_latents
 
 
@@ -114,6 +114,10 @@ class CogView4(BucketedImageFamily):
         bucket_pixels: the training buckets' area (1024^2: the native size); more pixels, more detail and memory.
         min_side, max_side, bucket_multiple, max_pixels: the sizes the model generates (512..2048, multiples of
             32, at most 2^21 pixels); the buckets stay within them.
+        quantize_base: null, or nf4 for QLoRA: the transformer's linear layers stored in 4 bits (bitsandbytes; CUDA,
+            LoRA only, `base_quantization` in recipes/diffusers_family.py).
+        pipeline: an already built `CogView4Pipeline` to wrap instead of loading `path` (benchmarks with random
+            real-size weights, `bench/gpu_models.py`).
     """
 
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
@@ -127,27 +131,32 @@ class CogView4(BucketedImageFamily):
                  width: int = 1024, max_sequence_length: int = 1024, sigma_sampling: str = "uniform",
                  logit_mean: float = 0.0, logit_std: float = 1.0, loss_weighting: str = "none",
                  bucket_pixels: int = 1024 * 1024, min_side: int = 512, max_side: int = 2048,
-                 bucket_multiple: int = 32, max_pixels: int = 2**21):
+                 bucket_multiple: int = 32, max_pixels: int = 2**21, quantize_base: str | None = None,
+                 pipeline=None):
         super().__init__()
-        from diffusers import CogView4Pipeline, FlowMatchEulerDiscreteScheduler
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
         from recipes.cogview4_tiny import save_tiny_cogview4
 
         self.data_processor(height=height, width=width, bucket_pixels=bucket_pixels, min_side=min_side,
                             max_side=max_side, bucket_multiple=bucket_multiple, max_pixels=max_pixels)
+        quantization = base_quantization(quantize_base, parse_dtype(dtype))
         self.path, self.dtype_name = path, dtype
         self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
         self.text_pad_length = round_up(max_sequence_length)
-        local = self.checkpoint_dir = resolve_pretrained(path, family="cogview4", build_tiny=save_tiny_cogview4)
-        self.attach_pipeline(CogView4Pipeline.from_pretrained(local, dtype=parse_dtype(dtype)))
+        if pipeline is None:
+            self.checkpoint_dir = resolve_pretrained(path, family="cogview4", build_tiny=save_tiny_cogview4)
+            pipeline = load_pipeline("CogView4Pipeline", self.checkpoint_dir, parse_dtype(dtype), quantization)
+        self.attach_pipeline(pipeline)
         install_masked_attention(self.transformer)
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
         # the transformer is told the unshifted sigma * 1000, as CogView4Pipeline (diffusers 0.42.1) does
         self.flow = FlowMatching(self.scheduler, sigma_sampling, logit_mean, logit_std, loss_weighting,
                                  timestep_shifted=False)
         if self.vae.config.shift_factor not in (None, 0, 0.0):
-            raise ValueError(f"{local}: vae.config.shift_factor={self.vae.config.shift_factor}, but CogView4Pipeline "
-                             f"decodes latents / scaling_factor without a shift; training would not match inference.")
+            raise ValueError(f"{self.checkpoint_dir or path}: vae.config.shift_factor={self.vae.config.shift_factor}, "
+                             f"but CogView4Pipeline decodes latents / scaling_factor without a shift; training would "
+                             f"not match inference.")
 
     @classmethod
     def local_checkpoint(cls, path: str) -> str:

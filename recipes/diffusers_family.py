@@ -21,6 +21,42 @@ from finetune.lora_files import LoraNames
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
+def base_quantization(quantize_base: str | None, compute_dtype: torch.dtype):
+    """`model.quantize_base`: null (the base transformer in `model.dtype`) or `nf4` (QLoRA: its linear layers stored
+    as 4-bit NormalFloat by bitsandbytes, dequantized to `compute_dtype` layer by layer; the LoRA stays fp32). The
+    transformer's diffusers `BitsAndBytesConfig`, or None; checked before any weight loads."""
+    if quantize_base is None:
+        return None
+    if quantize_base != "nf4":
+        raise ValueError(f"model.quantize_base={quantize_base!r}: use nf4 (QLoRA: a 4-bit NormalFloat base through "
+                         f"bitsandbytes) or null (the base in model.dtype).")
+    if not torch.cuda.is_available():
+        raise RuntimeError("model.quantize_base=nf4 (QLoRA) needs a CUDA GPU: diffusers quantizes with bitsandbytes "
+                           "on the GPU. On this machine set model.quantize_base=null.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ImportError("model.quantize_base=nf4 (QLoRA) needs bitsandbytes, which is not installed: "
+                          "pip install -e '.[memory]'") from None
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_pipeline(pipeline_class: str, directory: str, dtype: torch.dtype, quantization=None):
+    """`pipeline_class.from_pretrained(directory)` in `dtype`; with `quantization` (`base_quantization`) the
+    transformer is loaded quantized (onto the current CUDA device) and the rest as usual."""
+    import diffusers
+
+    pipeline = getattr(diffusers, pipeline_class)
+    if quantization is None:
+        return pipeline.from_pretrained(directory, dtype=dtype)
+    config = json.loads((Path(directory) / "transformer" / "config.json").read_text())
+    transformer = getattr(diffusers, config["_class_name"]).from_pretrained(
+        directory, subfolder="transformer", quantization_config=quantization, dtype=dtype)
+    return pipeline.from_pretrained(directory, transformer=transformer, dtype=dtype)
+
+
 class DiffusersFamily(ModelFamily):
     """Subclasses call `attach_pipeline(pipe)` with the loaded diffusers pipeline and implement
     `generate_one`."""

@@ -1,6 +1,6 @@
 """GPU-only checks (skipped without CUDA): bf16 training; FSDP1, FSDP2 and DeepSpeed ZeRO-2/3 LoRA save, resume and
 export on the tiny CogVideoX; the memory savers only a GPU shows (torchao CPU offload, 8-bit AdamW, the weight
-memory of FP8 storage and block swap)."""
+memory of FP8 storage and block swap, QLoRA on an NF4 base)."""
 
 from __future__ import annotations
 
@@ -123,3 +123,49 @@ def test_block_swap_and_fp8_lower_the_weights_on_the_gpu(tmp_path):
     plain = transformer_bytes("plain")
     assert transformer_bytes("fp8", "module.fp8_base=true") < 0.75 * plain
     assert transformer_bytes("swap", "module.blocks_to_swap=2") < 0.75 * plain
+
+
+def test_qlora_nf4_base_trains_and_its_export_loads_in_diffusers(tmp_path):
+    """The tiny CogView4 LoRA on an NF4 base (model.quantize_base=nf4): the transformer's linear layers are
+    bitsandbytes 4-bit ones, the LoRA (fp32) trains, and the exported file loads into a plain, unquantized
+    CogView4Pipeline through load_lora_weights, with every tensor and a changed output."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from diffusers import CogView4Pipeline
+    from safetensors.torch import load_file
+
+    module = train(compose(["recipe=cogview4_lora", "preset=tiny", "logger=csv", f"run_dir={tmp_path}",
+                            "trainer.accelerator=gpu", "trainer.devices=1", "trainer.max_steps=6",
+                            "trainer.precision=bf16-mixed", "model.dtype=bf16", "model.quantize_base=nf4",
+                            "callbacks.samples.every_n_steps=0", "callbacks.samples.at_end=false"]))
+    transformer = module.family.transformer
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in transformer.modules())
+    assert {p.dtype for p in module.parameters() if p.requires_grad} == {torch.float32}
+    exported = load_file(tmp_path / "export" / "pytorch_lora_weights.safetensors")
+    assert exported and any(v.abs().max() > 0 for k, v in exported.items() if "lora_B" in k)  # it trained
+
+    pipe = CogView4Pipeline.from_pretrained(module.family.checkpoint_dir, dtype=torch.float32).to("cuda")
+    inputs = dict(hidden_states=torch.randn(1, 16, 8, 8, device="cuda"),
+                  encoder_hidden_states=torch.randn(1, 16, pipe.text_encoder.config.hidden_size, device="cuda"),
+                  timestep=torch.tensor([500], device="cuda"), crop_coords=torch.zeros(1, 2, device="cuda"),
+                  original_size=torch.tensor([[64.0, 64.0]], device="cuda"),
+                  target_size=torch.tensor([[64.0, 64.0]], device="cuda"), return_dict=False)
+    with torch.no_grad():
+        before = pipe.transformer(**inputs)[0]
+        pipe.load_lora_weights(tmp_path / "export", adapter_name="qlora")
+        after = pipe.transformer(**inputs)[0]
+    loaded = {n for n, _ in pipe.transformer.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(exported)
+    assert not torch.allclose(before, after)
+
+
+def test_qlora_nf4_cogvideox_trains_and_exports(tmp_path):
+    """The tiny CogVideoX LoRA on an NF4 base: 4-bit linear layers, fp32 LoRA, a trained adapter exported."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    module = train(gpu_cfg(tmp_path, "model.dtype=bf16", "model.quantize_base=nf4", "trainer.precision=bf16-mixed",
+                           "callbacks.samples.at_end=false"))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in module.family.transformer.modules())
+    assert {p.dtype for p in module.parameters() if p.requires_grad} == {torch.float32}
+    exported = load_file(tmp_path / "export" / "pytorch_lora_weights.safetensors")
+    assert any(v.abs().max() > 0 for k, v in exported.items() if "lora_B" in k)

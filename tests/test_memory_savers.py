@@ -143,3 +143,42 @@ def test_savers_through_the_config_train_export_and_sample(tmp_path):
     lora = load_file(tmp_path / "export" / "pytorch_lora_weights.safetensors")
     assert lora and all(v.dtype == torch.float32 and v.numel() > 0 for v in lora.values())
     assert (tmp_path / "samples" / "step_000003" / "00.mp4").exists()
+
+
+# -- QLoRA (model.quantize_base=nf4): what a CPU can check; the training run is in tests/test_gpu.py ------------------
+@pytest.mark.parametrize("family", ["recipes.cogview4.CogView4", "recipes.cogvideox.CogVideoX",
+                                    "recipes.cogvideox_i2v.CogVideoX15ImageToVideo"])
+def test_quantize_base_is_checked_before_any_weight_loads(monkeypatch, family):
+    """A bad value, a machine without CUDA, and a missing bitsandbytes each stop the family before it resolves its
+    checkpoint (a path that does not exist would fail there otherwise), naming the setting and the fix."""
+    import importlib
+
+    from recipes.diffusers_family import base_quantization
+
+    module, name = family.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    assert base_quantization(None, torch.bfloat16) is None
+    with pytest.raises(ValueError, match=r"model.quantize_base='int3': use nf4 .* or null"):
+        cls(path="/nowhere/checkpoint", quantize_base="int3")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU.*set model.quantize_base=null"):
+            cls(path="/nowhere/checkpoint", quantize_base="nf4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # import fails as when not installed
+    with pytest.raises(ImportError, match=r"needs bitsandbytes.*pip install -e '\.\[memory\]'"):
+        cls(path="/nowhere/checkpoint", quantize_base="nf4")
+    with pytest.raises(FileNotFoundError, match="/nowhere/checkpoint"):  # without it: the path is what fails
+        cls(path="/nowhere/checkpoint")
+
+
+def test_fp8_storage_refuses_a_quantized_base():
+    from finetune.memory import fp8_weight_storage
+
+    class QuantizedNetwork(torch.nn.Linear):  # what diffusers marks a bitsandbytes-loaded model with
+        is_quantized = True
+
+        def enable_layerwise_casting(self, **_):
+            raise AssertionError("not reached")
+
+    with pytest.raises(ValueError, match="quantize_base=nf4.*set one of the two"):
+        fp8_weight_storage(QuantizedNetwork(4, 4).requires_grad_(False), torch.bfloat16)
