@@ -197,24 +197,6 @@ def test_fsdp2_matches_one_process_and_resumes(one_process, tmp_path):
     assert_same_adapter(adapter(one_process), adapter(resumed))
 
 
-def test_two_process_resume_continues_exactly(tmp_path):
-    """Two processes, each drawing from its own stream: 4 steps straight == 2 steps, then resumed for 2 more (same
-    losses, same adapter); the checkpoint holds both ranks' streams, and they differ."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    ddp = ["strategy=ddp_spawn", "trainer.devices=2", "callbacks.checkpoint.every_n_train_steps=2",
-           "callbacks.checkpoint.save_top_k=-1"]
-    train(compose(overrides(straight, *ddp)))
-    middle = next((straight / "checkpoints").glob("*step=2.ckpt"))
-    states = torch.load(middle, map_location="cpu", weights_only=True)["rng_state"]["per_rank"]
-    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
-    train(compose(overrides(resumed, *ddp, f"ckpt_path='{middle}'")))
-    first, second = losses(straight), losses(resumed)
-    assert sorted(second) == [2, 3] and sorted(first) == [0, 1, 2, 3]
-    for step in (2, 3):
-        assert second[step] == pytest.approx(first[step], rel=1e-5, abs=1e-7), step
-    assert_same_adapter(adapter(straight), adapter(resumed))
-
-
 @pytest.mark.slow
 def test_readme_torchrun_command(tmp_path):
     """The README's torchrun launch, as written (in a temporary run_dir, CSV logging, fewer steps)."""

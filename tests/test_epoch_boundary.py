@@ -110,7 +110,9 @@ def test_every_epoch_reshuffles_and_a_resume_at_any_step_continues_exactly(tmp_p
 def test_two_processes_resumed_at_the_epoch_boundary_continue_exactly(tmp_path):
     """The tiny CogVideoX LoRA on two processes (`ddp_spawn`), 4 demo clips, a batch of 1 each: 2 steps an epoch. 4
     steps straight == resumed from the checkpoint written at step 2, the last batch of epoch 0 (same losses, same
-    adapter), and epoch 1 gives the ranks other clips than epoch 0 (so reading epoch 0's order again would show)."""
+    adapter), and epoch 1 gives the ranks other clips than epoch 0 (so reading epoch 0's order again would show). The
+    checkpoint holds both ranks' random streams, and they differ; the resumed ranks continue each its own.
+    (Resuming mid-epoch: tests/test_distributed.py's fsdp2 test and the single-process cases above.)"""
     from conftest import compose
     from test_distributed import adapter, assert_same_adapter, losses, overrides
 
@@ -124,7 +126,10 @@ def test_two_processes_resumed_at_the_epoch_boundary_continue_exactly(tmp_path):
            "callbacks.checkpoint.every_n_train_steps=2", "callbacks.checkpoint.save_top_k=-1"]
     train(compose(overrides(straight, *ddp)))
     boundary = next((straight / "checkpoints").glob("*step=2.ckpt"))
-    assert torch.load(boundary, map_location="cpu", weights_only=True)["epoch"] == 0
+    checkpoint = torch.load(boundary, map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 0
+    streams = checkpoint["rng_state"]["per_rank"]  # each rank's own noise stream, both saved (finetune/rng.py)
+    assert len(streams) == 2 and not torch.equal(streams[0]["torch"], streams[1]["torch"])
     train(compose(overrides(resumed, *ddp, f"ckpt_path='{boundary}'")))
     first, second = losses(straight), losses(resumed)
     assert sorted(first) == [0, 1, 2, 3] and sorted(second) == [2, 3]
