@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from datamodules.buckets import BucketBatchSampler, make_buckets, nearest_bucket
+from datamodules.hf_datasets import load_split
 from datamodules.sample_checks import BadSamples, CheckedFiles, OnBadSample, check_all
 from datamodules.table import TableDataset
 from datamodules.textfiles import DataError, decode_utf8_lines
@@ -209,28 +210,11 @@ class ImageDataModule(FamilyDataModule):
         """A `datasets.Dataset` with its image column undecoded (paths or bytes)."""
         import datasets
 
-        path = Path(self.root).expanduser()
-        if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-            ds = datasets.load_from_disk(str(path))
-        elif path.exists():
-            files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*.parquet"))
-            if not files:
-                raise DataError(f"data.root={self.root!r} has no metadata.jsonl, metadata.csv, saved dataset or "
-                                f"parquet files. See datamodules/images.py for the layouts, or use data.root=demo.")
-            ds = datasets.load_dataset("parquet", data_files=files, split="train")
-        elif self.root.startswith((".", "/", "~")):
-            raise DataError(f"data.root={self.root!r}: no such file or directory.")
-        else:
-            try:
-                ds = datasets.load_dataset(self.root, self.dataset_config, split=self.split)
-            except Exception as err:
-                raise DataError(f"data.root={self.root!r}: could not load it from the hub ({type(err).__name__}: "
-                                f"{str(err).splitlines()[0] if str(err) else ''}). Download it where there is "
-                                f"network (`ds.save_to_disk(DIR)`) and pass data.root=DIR.") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if self.split not in ds:
-                raise DataError(f"data.root={self.root!r} has splits {sorted(ds)}; set data.split to one of them.")
-            ds = ds[self.split]
+        ds, relative_to = load_split(
+            self.root, self.split, self.dataset_config,
+            no_data=f"data.root={self.root!r} has no metadata.jsonl, metadata.csv, saved dataset or parquet files. "
+                    f"See datamodules/images.py for the layouts, or use data.root=demo.",
+            no_path=f"data.root={self.root!r}: no such file or directory.")
         caption_column = self.caption_column or next((c for c in CAPTION_COLUMNS if c in ds.column_names), None)
         for name, column in (("image_column", self.image_column), ("caption_column", caption_column)):
             if column not in ds.column_names:
@@ -239,7 +223,6 @@ class ImageDataModule(FamilyDataModule):
         ds = ds.select_columns([self.image_column, caption_column])
         if isinstance(ds.features[self.image_column], datasets.Image):
             ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
-        relative_to = path if path.is_dir() else path.parent
         return ds.rename_columns({self.image_column: "image", caption_column: "prompt"}), relative_to
 
     # -- check, setup, loader -------------------------------------------------------------------

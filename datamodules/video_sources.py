@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datamodules.hf_datasets import load_split
 from datamodules.textfiles import DataError, decode_utf8_lines, read_lines
 
 CAPTION_COLUMNS = ("prompt", "text", "caption")
@@ -120,38 +121,6 @@ def read_metadata_layout(root: Path, caption_column: str | None, image_column: s
     return rows
 
 
-def _load_dataset(root: str, split: str, dataset_config: str | None):
-    """A `datasets.Dataset` from a save_to_disk folder, parquet file(s), or the hub; and the folder that relative
-    paths in it are relative to."""
-    import datasets
-
-    path = Path(root).expanduser()
-    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-        ds = datasets.load_from_disk(str(path))
-    elif path.exists():
-        files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*.parquet"))
-        if not files:
-            raise DataError(f"data.root={root!r} has no prompts.txt/videos.txt, metadata.jsonl/.csv, saved dataset "
-                            f"or parquet files. See datamodules/video_sources.py for the layouts, or use "
-                            f"data.root=demo.")
-        ds = datasets.load_dataset("parquet", data_files=files, split="train")
-    elif root.startswith((".", "/", "~")):
-        raise DataError(f"data.root={root!r} is not a directory. Point it at the folder holding prompts.txt and "
-                        f"videos.txt (or metadata.jsonl, or a saved dataset), or use data.root=demo.")
-    else:
-        try:
-            ds = datasets.load_dataset(root, dataset_config, split=split)
-        except Exception as err:
-            raise DataError(f"data.root={root!r}: could not load it from the hub ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}). Download it where there is network "
-                            f"(`ds.save_to_disk(DIR)`) and pass data.root=DIR.") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise DataError(f"data.root={root!r} has splits {sorted(ds)}; set data.split to one of them.")
-        ds = ds[split]
-    return ds, (path if path.is_dir() else path.parent)
-
-
 def _media_column(ds, column: str, feature_type, relative_to: Path, where) -> list:
     """Paths (relative ones resolved against the dataset's folder), or `EmbeddedFile`s for a media feature."""
     feature = ds.features[column]
@@ -174,7 +143,12 @@ def read_dataset(root: str, split: str, dataset_config: str | None, video_column
                  caption_column: str | None, image_column: str | None, with_images: bool) -> list[ClipRow]:
     import datasets
 
-    ds, relative_to = _load_dataset(root, split, dataset_config)
+    ds, relative_to = load_split(
+        root, split, dataset_config,
+        no_data=f"data.root={root!r} has no prompts.txt/videos.txt, metadata.jsonl/.csv, saved dataset or parquet "
+                f"files. See datamodules/video_sources.py for the layouts, or use data.root=demo.",
+        no_path=f"data.root={root!r} is not a directory. Point it at the folder holding prompts.txt and videos.txt "
+                f"(or metadata.jsonl, or a saved dataset), or use data.root=demo.")
     caption_column = caption_column or next((c for c in CAPTION_COLUMNS if c in ds.column_names), None)
     wanted = [("video_column", video_column), ("caption_column", caption_column)]
     if with_images and image_column:
