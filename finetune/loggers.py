@@ -55,12 +55,28 @@ def wandb_logger(save_dir: str, project: str = "cog-finetune", name: str | None 
     return logger
 
 
+_STARTING: set[threading.Thread] = set()  # background W&B starts under way in this process
+
+
+def _finish_starts_before_fork() -> None:
+    """Before this process forks (DataLoader workers, `multiprocessing`), let any W&B start finish. The start runs
+    subprocesses (git, W&B's service); a fork while one is being launched copies the launch's error pipe into the
+    child, which never execs, so the launching thread waits for that pipe to close as long as the child lives, and a
+    DataLoader worker lives until the main thread, itself waiting for the start, lets it go: a hang."""
+    for starter in list(_STARTING):
+        if starter.is_alive() and starter is not threading.current_thread():
+            starter.join()
+
+
+os.register_at_fork(before=_finish_starts_before_fork)
+
+
 class BackgroundWandbLogger(WandbLogger):
     """Lightning's `WandbLogger`, its run started in a background thread by `start()`: W&B's start (its service
     process and its imports, ~1.3 s on a 2-core machine, longer online) then overlaps the trainer's setup and the
     first steps instead of delaying them. Hyperparameters logged meanwhile are applied once the run is up; whatever
     needs the run itself (`experiment`: metrics, samples, `finish`) waits for the start, and a failed start raises
-    there."""
+    there. A fork in this process (a DataLoader worker) waits for the start to finish (`_finish_starts_before_fork`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -79,6 +95,7 @@ class BackgroundWandbLogger(WandbLogger):
             return
         self._pending = {}
         self._starter = threading.Thread(target=self._start, name="wandb-start", daemon=True)
+        _STARTING.add(self._starter)
         self._starter.start()
 
     def _start(self) -> None:
@@ -90,6 +107,8 @@ class BackgroundWandbLogger(WandbLogger):
                 run.config.update(params, allow_val_change=True)
         except BaseException as err:  # raised where the run is first needed
             self._start_error = err
+        finally:
+            _STARTING.discard(threading.current_thread())
 
     def _wait_for_start(self) -> None:
         starter = self._starter

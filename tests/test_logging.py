@@ -60,3 +60,38 @@ def test_wandb_starts_in_the_background_and_keeps_what_was_logged_meanwhile(tmp_
         assert run.config.as_dict()["optimizer"] == {"lr": 0.5}
     finally:
         run.finish()
+
+
+def test_a_fork_waits_for_the_background_wandb_start(tmp_path, monkeypatch):
+    """A DataLoader worker forked while W&B starts (which launches git and its service) would inherit the launch's
+    error pipe and hang the start for as long as the worker lives; a fork in this process waits for the start first.
+    The stand-in start takes 0.5 s; the forked child sees it finished."""
+    import multiprocessing
+    import threading
+    import time
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    from finetune.loggers import BackgroundWandbLogger
+
+    finished = threading.Event()
+
+    def slow_start(self):
+        time.sleep(0.5)
+        finished.set()
+
+    monkeypatch.setattr(WandbLogger, "experiment", property(slow_start))
+    logger = BackgroundWandbLogger(save_dir=str(tmp_path), offline=True)
+    logger.start()
+    assert logger.starting and not finished.is_set()
+    child = multiprocessing.get_context("fork").Process(target=_exit_with, args=(finished,))
+    child.start()
+    child.join(10)
+    assert child.exitcode == 0  # 1: the fork happened while the start was still running
+    logger._wait_for_start()
+
+
+def _exit_with(finished) -> None:
+    import os
+
+    os._exit(0 if finished.is_set() else 1)
