@@ -353,13 +353,19 @@ def test_forward_matches_plain_reference(cogvlm2):
     assert torch.equal(published_format, logits)
 
 
-@pytest.mark.parametrize("cogvlm2", [False, True])
-def test_greedy_generation_cache_and_batching(cogvlm2):
+def _left_padded_prompts(cogvlm2: bool):
+    """The tiny model (seed 3) and its two prompts, alone and collated into one left-padded batch."""
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_cogvlm(seed=3, cogvlm2=cogvlm2, initializer_range=SHARP_INIT)
     samples = _prompts(tokenizer, model)
     batch = collate_left_padded(samples, tokenizer.pad_token_id)
     assert batch["attention_mask"][0, 0] == 0  # the first prompt is left-padded
+    return model, samples, batch
+
+
+@pytest.mark.parametrize("cogvlm2", [False, True])
+def test_greedy_generation_cache_and_batching(cogvlm2):
+    model, samples, batch = _left_padded_prompts(cogvlm2)
     kwargs = dict(max_new_tokens=6, eos_token_id=-1)  # no EOS: always 6 tokens
     cached = model.greedy_generate(**batch, use_cache=True, **kwargs)
     uncached = model.greedy_generate(**batch, use_cache=False, **kwargs)
@@ -499,11 +505,7 @@ def _generate_new_tokens(model, batch, **kwargs):
 
 @pytest.mark.parametrize("cogvlm2", [False, True])
 def test_transformers_generate_equals_the_kit_greedy_decoding(cogvlm2):
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_cogvlm(seed=3, cogvlm2=cogvlm2, initializer_range=SHARP_INIT)
-    samples = _prompts(tokenizer, model)
-    batch = collate_left_padded(samples, tokenizer.pad_token_id)
-    assert batch["attention_mask"][0, 0] == 0  # left padding
+    model, samples, batch = _left_padded_prompts(cogvlm2)
     reference = model.greedy_generate(**batch, max_new_tokens=6, eos_token_id=-1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
