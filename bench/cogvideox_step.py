@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune.adapters import LoRA  # noqa: E402
 from finetune.family import parse_dtype  # noqa: E402
 from finetune.module import FinetuneModule  # noqa: E402
-from recipes.cogvideox import CogVideoX  # noqa: E402
+from recipes.cogvideox.family import CogVideoX  # noqa: E402
 
 # THUDM/CogVideoX-2b and -5b transformer/config.json (the keys that differ from the class defaults).
 REAL = {
@@ -40,7 +40,7 @@ def real_family(size: str, dtype: torch.dtype, device: str, height: int, width: 
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 
-    from recipes.cogvideox_tiny import SCHEDULER_2B
+    from recipes.cogvideox.tiny import SCHEDULER_2B
 
     spec = dict(REAL[size])
     snr = spec.pop("snr")

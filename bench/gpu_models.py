@@ -117,8 +117,8 @@ class CogView4Bench:
                                FlowMatchEulerDiscreteScheduler)
         from transformers import GlmConfig, GlmModel
 
-        from recipes.cogview4 import CogView4
-        from recipes.cogview4_tiny import SCHEDULER
+        from recipes.cogview.cogview4 import CogView4
+        from recipes.cogview.cogview4_tiny import SCHEDULER
 
         with torch.device(device):
             transformer = CogView4Transformer2DModel(**{**COGVIEW4_6B, **(dict(_SMALL_TRANSFORMER, num_layers=layers)

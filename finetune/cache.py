@@ -12,7 +12,7 @@
   and present ones are skipped, so an interrupted pass continues where it stopped.
 
 Why the VAE posterior's moments (mean, logvar) rather than one latent: training draws a fresh latent from the posterior
-every step (`recipes.diffusion.sample_latents`), exactly as without the cache, so caching changes the speed and not
+every step (`recipes.diffusion.objectives.sample_latents`), exactly as without the cache, so caching changes the speed and not
 the objective; the price is twice a latent's size on disk (49x480x720 CogVideoX in bf16: 4.5 MB of moments plus 1.9 MB
 of T5 embeddings per sample, `bench/encode_cache.py`).
 """

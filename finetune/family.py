@@ -83,7 +83,7 @@ class ModelFamily(nn.Module, ABC):
     #: `strategy=fsdp` wraps) and block swap streams. Empty: the network's own `_no_split_modules` (diffusers and
     #: transformers models declare them).
     block_class_names: tuple[str, ...] = ()
-    #: how other tools spell the trained network's module names (`finetune.lora_files.LoraNames`: native ComfyUI,
+    #: how other tools spell the trained network's module names (`finetune.lora_formats.files.LoraNames`: native ComfyUI,
     #: SAT), for the `cogft` command and `export_format`; None: the family's own export format only
     lora_names = None
     #: the LoRA file formats the family writes, its own (what `export` writes) first; `callbacks.export.formats` may

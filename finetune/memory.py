@@ -8,7 +8,7 @@ costs). Library implementations where there is one:
 - Optimizer state and step on the CPU: torchao's `CPUOffloadOptimizer` (`optimizer=adamw_cpu_offload`; CUDA only), or
   DeepSpeed's (`strategy=deepspeed_zero2_offload`).
 - QLoRA, an NF4 base (`model.quantize_base=nf4`): quantized as the family loads it (bitsandbytes through diffusers'
-  `BitsAndBytesConfig`, `recipes/diffusers_family.py`); FP8 storage refuses such a base.
+  `BitsAndBytesConfig`, `recipes/diffusion/pipeline.py`); FP8 storage refuses such a base.
 - Block swap (`module.blocks_to_swap=N`): the frozen weights of the last N transformer blocks live in (pinned) CPU
   memory and are copied to the accelerator just before each block runs (forward, and the recomputation in backward
   under gradient checkpointing), then dropped again: what musubi-tuner and diffusion-pipe offer for other video models.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,11 @@ os.environ.pop("WANDB_API_KEY", None)
 # threads spin-waiting for a core.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
+# The tests mirror the packages (tests/finetune/, tests/recipes/cogvideox/, ...); helpers and test callbacks are
+# imported by their module's name (`from test_cogvideox_objective import tiny_family`, `_target_=test_run_safety.X`),
+# so every test folder is importable, here and in the processes the tests start (TEST_DIRS in their PYTHONPATH).
+TEST_DIRS = sorted({str(path.parent) for path in Path(__file__).parent.rglob("test_*.py")})
+sys.path[:0] = [d for d in TEST_DIRS if d not in sys.path]
 
 
 def pytest_configure(config):
@@ -55,7 +61,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cogvideox(cache_dir) -> str:
     from finetune.hub import resolve_pretrained
-    from recipes.cogvideox_tiny import save_tiny_cogvideox
+    from recipes.cogvideox.tiny import save_tiny_cogvideox
 
     return resolve_pretrained("tiny", family="cogvideox", build_tiny=save_tiny_cogvideox)
 

@@ -47,6 +47,6 @@ def test_imports_point_one_way():
 
 def test_the_walk_sees_lazy_and_nested_imports(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text("import os\n\ndef f():\n    from recipes.cogvideox import CogVideoX\n    import datamodules.video\n"
+    source.write_text("import os\n\ndef f():\n    from recipes.cogvideox.family import CogVideoX\n    import datamodules.video\n"
                       "from . import sibling\n")
     assert imported_packages(source) == {"recipes", "datamodules"}

@@ -112,7 +112,7 @@ def test_load_lora_snippet(tiny_cogvideox, tmp_path):
     import torch
 
     from finetune.adapters import LoRA
-    from recipes.cogvideox import CogVideoX
+    from recipes.cogvideox.family import CogVideoX
 
     family = CogVideoX(path="tiny", dtype="fp32", height=32, width=32, num_frames=9, max_sequence_length=16)
     adapter = LoRA(rank=4, alpha=2)

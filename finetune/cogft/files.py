@@ -1,0 +1,72 @@
+"""`cogft inspect` and `cogft convert`: LoRA files, no model loaded (`finetune/lora_formats/files.py` does the work; the
+family only says how its module names are spelled elsewhere)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.lora_formats.files import LoraFileError, read_lora_file, to_adapter, write_adapter
+from finetune.lora_formats.loaders import describe
+
+from .config import family_class
+
+LOADERS = {"diffusers": "diffusers load_lora_weights", "kijai_wrapper": "ComfyUI-CogVideoXWrapper",
+           "comfyui_native": "ComfyUI (native)", "peft": "PEFT PeftModel.from_pretrained"}
+
+
+def lora_names(family: str):
+    return family_class(family).lora_names
+
+
+def inspect(path: str, family: str = "cogvideox") -> dict:
+    return describe(path, lora_names(family))
+
+
+def format_report(info: dict) -> str:
+    """The report `cogft inspect` prints."""
+    def scale(value):
+        return "-" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
+
+    lines = [f"file        {info['file']}",
+             f"layout      {info['layout']}" + (f" (header: {', '.join(info['header_keys'])})" if info['header_keys']
+                                               else ""),
+             f"tensors     {info['tensors']} ({', '.join(info['dtypes'])})" + (
+                 f", {info.get('modules')} modules" if info.get("modules") else "") + (
+                 f", {info['full_tensors']} fully trained tensors (modules_to_save)" if info["full_tensors"] else ""),
+             f"rank        {', '.join(map(str, info['ranks'])) or '-'}",
+             f"alpha       {', '.join(f'{a:g}' for a in info['alphas']) or '-'}   from: {info['alpha_source']}",
+             f"trained     scale alpha/rank = {scale(info['trained_scale'])}",
+             f"targets     {', '.join(info['targets']) or '-'}",
+             "finite      " + ("yes" if not info["non_finite"] else
+                               f"NO: {len(info['non_finite'])} tensors hold NaN/inf, e.g. {info['non_finite'][0]}"),
+             "", f"{'loader':34s} {'loads':6s} {'scale':8s} {'x trained':10s} why"]
+    for key, entry in info["loaders"].items():
+        strength = entry.get("strength")
+        lines.append(f"{LOADERS[key]:34s} {'yes' if entry['loads'] else 'no':6s} {scale(entry['scale']):8s} "
+                     f"{'-' if strength is None else f'{strength:g}':10s} {entry['note']}")
+    return "\n".join(lines)
+
+
+def convert(source: str, out: str, to: str, family: str = "cogvideox", alpha: float | None = None,
+            fold_alpha: bool = False) -> Path:
+    names = lora_names(family)
+    file = read_lora_file(source)
+    adapter = to_adapter(file, names, alpha=alpha)
+    path = write_adapter(adapter, out, to, names, fold=fold_alpha)
+    print(f"{file.path} ({adapter.layout}, rank {sorted(adapter.ranks())}, alpha {sorted(adapter.alphas())} from "
+          f"{adapter.alpha_source}) -> {path} ({to}{', alpha folded into lora_B' if fold_alpha else ''})")
+    return path
+
+
+def main_inspect(args) -> dict:
+    info = inspect(args.path, args.family)
+    print(json.dumps(info, indent=1) if args.json else format_report(info))
+    return info
+
+
+def main_convert(args) -> Path:
+    try:
+        return convert(args.source, args.out, args.to, args.family, args.alpha, args.fold_alpha)
+    except LoraFileError as err:
+        raise SystemExit(f"cogft convert: {err}") from None

@@ -1,0 +1,211 @@
+"""`cogft export`, `cogft merge` and `cogft generate`: the model families of `recipes/`, built from the recipe configs
+exactly as `train.py` builds them."""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from finetune.lora_formats.files import check_finite, read_lora_file, to_adapter
+
+from .config import build_family, compose_recipe
+
+MERGE_RECORD = "cogft_merge.json"  # written into every merged model: a second merge is refused
+
+
+# -- export ----------------------------------------------------------------------------------------
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint as a dict with `state_dict` (and `cogft`, what it was trained for). A file (single
+    device, DDP, FSDP with state_dict_type=full) is read with `torch.load(weights_only=True)`; a DeepSpeed folder is
+    consolidated with Lightning's converter (needs deepspeed)."""
+    if path.is_dir():
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise SystemExit(f"{path} is a folder (a DeepSpeed checkpoint): install deepspeed "
+                             f"(`pip install -e '.[deepspeed]'`) to consolidate it.")
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        with tempfile.TemporaryDirectory() as tmp:
+            convert_zero_checkpoint_to_fp32_state_dict(str(path), f"{tmp}/consolidated.ckpt")
+            return torch.load(f"{tmp}/consolidated.ckpt", map_location="cpu", weights_only=True)
+    if not path.is_file():
+        raise SystemExit(f"checkpoint {path}: no such file; pass run_dir/checkpoints/last.ckpt or another .ckpt.")
+    from finetune.checkpointing import SafeCheckpointIO
+
+    return SafeCheckpointIO().load_checkpoint(path, map_location="cpu")
+
+
+def export(ckpt: str, out: str | None = None, config: str | None = None, formats: list[str] | None = None) -> list:
+    """The checkpoint's trained weights through the family's own export (diffusers LoRA with metadata, PEFT adapter,
+    or the full network for SFT), plus any `formats` it writes (comfy, kohya)."""
+    from omegaconf import OmegaConf
+
+    from finetune.checkpointing import identity_differences, run_identity
+    from finetune.run import build_module
+
+    ckpt_path = Path(ckpt).expanduser()
+    run_dir = ckpt_path.resolve().parent.parent
+    config_path = Path(config) if config else run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise SystemExit(f"no {config_path}: pass --config with the run's config.yaml (train.py writes it into the "
+                         f"run directory).")
+    cfg = OmegaConf.load(config_path)
+    checkpoint = load_checkpoint(ckpt_path)
+    differences = identity_differences(checkpoint.get("cogft", {}), run_identity(cfg))
+    if differences:
+        raise SystemExit(f"{ckpt_path} was trained for another config than {config_path}: " + "; ".join(differences))
+    module = build_module(cfg)
+    expected = module.trainable_state_dict()
+    state = checkpoint["state_dict"]
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise SystemExit(f"{ckpt_path} lacks {len(missing)} trained tensors (e.g. {missing[0]}) of {config_path}'s "
+                         f"adapter: pass the config it was trained with (--config).")
+    module.load_state_dict(state, strict=False)
+    directory = Path(out) if out else run_dir / "export"
+    written = [module.family.export(directory, module.adapter)]
+    for fmt in formats or []:
+        if fmt not in module.family.export_formats[:1]:
+            written.append(module.family.export_format(directory, module.adapter, fmt))
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
+# -- LoRAs with scales -----------------------------------------------------------------------------
+def parse_lora(spec: str) -> tuple[str, float]:
+    """`PATH` or `PATH:SCALE`."""
+    path, _, scale = spec.rpartition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
+    try:
+        return path, float(scale) if scale else 1.0
+    except ValueError:
+        raise SystemExit(f"--lora {spec!r}: write PATH or PATH:SCALE (e.g. export/:0.8).") from None
+
+
+def model_overrides(model: str | None, dtype: str | None) -> list[str]:
+    return ([f"model.path={model}"] if model else []) + ([f"model.dtype={dtype}"] if dtype else [])
+
+
+def is_diffusers(family) -> bool:
+    return hasattr(family, "merge_loras")
+
+
+def merge_into(family, loras: list[tuple[str, float]]) -> list[dict]:
+    """Fold each LoRA at its scale into the family's weights; returns what was merged."""
+    record = []
+    if is_diffusers(family):
+        adapters = []
+        for path, scale in loras:
+            adapter = to_adapter(read_lora_file(path), family.lora_names)
+            check_finite({f"{n}.{p}": t for n, m in adapter.modules.items() for p, t in (("A", m.A), ("B", m.B))},
+                         str(path))
+            adapters.append((adapter, scale))
+            record.append({"path": str(path), "scale": scale, "layout": adapter.layout,
+                           "rank": sorted(adapter.ranks()), "alpha": sorted(adapter.alphas())})
+        family.merge_loras(adapters)
+        return record
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    for path, scale in loras:  # a PEFT adapter folder (CogVLM): peft's own merge, its scaling times `scale`
+        peft_model = PeftModel.from_pretrained(family.model, str(path))
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                module.scale_layer(scale)
+        family.model = peft_model.merge_and_unload()
+        record.append({"path": str(path), "scale": scale, "layout": "peft"})
+    return record
+
+
+def checkpoint_dir(family) -> Path | None:
+    local = getattr(family, "checkpoint_dir", None) or getattr(family, "local_path", None)
+    return Path(local) if local else None
+
+
+# -- merge -----------------------------------------------------------------------------------------
+def merge(recipe: str, loras: list[str], out: str, preset: str | None = None, model: str | None = None,
+          dtype: str | None = None) -> Path:
+    """Base + LoRAs at their scales, saved as a full model: the pipeline in diffusers layout (CogVLM: the HF layout
+    with its tokenizer), with `cogft_merge.json` saying what was merged."""
+    cfg = compose_recipe(recipe, preset, model_overrides(model, dtype))
+    family = build_family(cfg)
+    base = checkpoint_dir(family)
+    if base is not None and (base / MERGE_RECORD).is_file():
+        raise SystemExit(f"{base} is already a merged model ({base / MERGE_RECORD}): merging again would add the "
+                         f"LoRAs twice. Merge into the original base model (--model) instead.")
+    parsed = [parse_lora(spec) for spec in loras]
+    if not parsed:
+        raise SystemExit("cogft merge: pass at least one --lora PATH[:SCALE].")
+    record = merge_into(family, parsed)
+    out_dir = Path(out)
+    if is_diffusers(family):
+        family.pipe.save_pretrained(out_dir)
+    else:
+        family.model.save_pretrained(out_dir)
+        family.tokenizer.save_pretrained(out_dir)
+    (out_dir / MERGE_RECORD).write_text(json.dumps({"merged": True, "recipe": recipe, "base": cfg.model.path,
+                                                    "loras": record}, indent=1))
+    print(f"merged {len(record)} LoRA(s) into {cfg.model.path}: {out_dir}")
+    return out_dir
+
+
+# -- generate --------------------------------------------------------------------------------------
+def generate(recipe: str, prompts: list[str], out: str, preset: str | None = None, model: str | None = None,
+             dtype: str | None = None, loras: list[str] = (), images: list[str] = (), seed: int = 42,
+             steps: int | None = None, guidance: float | None = None, height: int | None = None,
+             width: int | None = None, frames: int | None = None, fps: int | None = None) -> list[Path]:
+    """Videos (text- and image-to-video), images (text-to-image) or captcha readings (CogVLM) from the base model
+    with the LoRAs merged at their scales; written under `out`, paths printed."""
+    sizes = {"model.height": height, "model.width": width, "model.num_frames": frames}
+    overrides = model_overrides(model, dtype) + [f"{k}={v}" for k, v in sizes.items() if v is not None]
+    cfg = compose_recipe(recipe, preset, overrides)
+    family = build_family(cfg)
+    merge_into(family, [parse_lora(spec) for spec in loras])
+    out_dir = Path(out)
+    if not is_diffusers(family):
+        return read_images(family, images, out_dir)
+    from finetune.family import GenerationRequest
+    from finetune.media import save_samples
+
+    if len(images) > 1 and len(images) != len(prompts):
+        raise SystemExit(f"{len(images)} --image for {len(prompts)} --prompt: give one image, or one per prompt.")
+    requests = [GenerationRequest(p, images[i] if len(images) > 1 else (images[0] if images else None))
+                for i, p in enumerate(prompts)]
+    accepted = pyinspect.signature(family.generate_one).parameters
+    kwargs = {k: v for k, v in {"num_inference_steps": steps, "guidance_scale": guidance, "fps": fps}.items()
+              if v is not None and k in accepted}
+    family.eval()
+    family.pipe.set_progress_bar_config(disable=False)  # the denoising steps (the kit hides them during training)
+    with torch.no_grad():
+        samples = family.generate(requests, seed=seed, **kwargs)
+    paths = save_samples(samples, out_dir)
+    for path, sample in zip(paths, samples):
+        print(f"{path}\t{sample.caption}")
+    return paths
+
+
+def read_images(family, images: list[str], out_dir: Path) -> list[Path]:
+    """CogVLM: greedy answers to the recipe's prompt for each image; `file<TAB>answer` printed and written to
+    `out/predictions.tsv`."""
+    from PIL import Image
+
+    from recipes.cogvlm.predict import predict
+
+    if not images:
+        raise SystemExit("cogft generate with a CogVLM recipe reads images: pass --image FILE (one or more).")
+    family.model.eval()
+    loaded = []
+    for path in images:
+        with Image.open(path) as image:
+            loaded.append(image.convert("RGB"))
+    answers = predict(family.model, family.processor, loaded, family.max_new_tokens)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"{path}\t{answer}" for path, answer in zip(images, answers)]
+    (out_dir / "predictions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    return [out_dir / "predictions.tsv"]

@@ -1,6 +1,0 @@
-"""`python -m recipes.cogft ...`: the same as the `cogft` console script."""
-
-from recipes.cogft import main
-
-if __name__ == "__main__":  # importing this module (a package walk, a test) must not parse sys.argv
-    main()

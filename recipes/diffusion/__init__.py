@@ -1,0 +1,1 @@
+"""What the diffusion families share: the diffusers-pipeline family (`pipeline.py`), the objectives (`objectives.py`) and the tiny checkpoints' layout and text encoders (`tiny_layout.py`, `tiny_text.py`)."""

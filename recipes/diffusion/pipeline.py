@@ -1,0 +1,243 @@
+"""What every diffusers-pipeline family shares: the transformer is the trained network, LoRAs are
+exported with the pipeline's own `save_lora_weights` (keys `transformer.*`, rank/alpha/targets in the
+header's `lora_adapter_metadata`, so `load_lora_weights` restores the trained strength), full finetunes
+are saved as the transformer in diffusers layout, exports load back as a starting point (`adapter_path`),
+and validation samples come from the pipeline itself, one request at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from finetune.adapters import LoRA
+from finetune.cache import files_fingerprint
+from finetune.family import GenerationRequest, ModelFamily, Sample
+from finetune.lora_formats.files import LoraNames
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def base_quantization(quantize_base: str | None, compute_dtype: torch.dtype):
+    """`model.quantize_base`: null (the base transformer in `model.dtype`) or `nf4` (QLoRA: its linear layers stored
+    as 4-bit NormalFloat by bitsandbytes, dequantized to `compute_dtype` layer by layer; the LoRA stays fp32). The
+    transformer's diffusers `BitsAndBytesConfig`, or None; checked before any weight loads."""
+    if quantize_base is None:
+        return None
+    if quantize_base != "nf4":
+        raise ValueError(f"model.quantize_base={quantize_base!r}: use nf4 (QLoRA: a 4-bit NormalFloat base through "
+                         f"bitsandbytes) or null (the base in model.dtype).")
+    if not torch.cuda.is_available():
+        raise RuntimeError("model.quantize_base=nf4 (QLoRA) needs a CUDA GPU: diffusers quantizes with bitsandbytes "
+                           "on the GPU. On this machine set model.quantize_base=null.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ImportError("model.quantize_base=nf4 (QLoRA) needs bitsandbytes, which is not installed: "
+                          "pip install -e '.[memory]'") from None
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_pipeline(pipeline_class: str, directory: str, dtype: torch.dtype, quantization=None):
+    """`pipeline_class.from_pretrained(directory)` in `dtype`; with `quantization` (`base_quantization`) the
+    transformer is loaded quantized (onto the current CUDA device) and the rest as usual."""
+    import diffusers
+
+    pipeline = getattr(diffusers, pipeline_class)
+    if quantization is None:
+        return pipeline.from_pretrained(directory, dtype=dtype)
+    config = json.loads((Path(directory) / "transformer" / "config.json").read_text())
+    transformer = getattr(diffusers, config["_class_name"]).from_pretrained(
+        directory, subfolder="transformer", quantization_config=quantization, dtype=dtype)
+    return pipeline.from_pretrained(directory, transformer=transformer, dtype=dtype)
+
+
+class DiffusersFamily(ModelFamily):
+    """Subclasses call `attach_pipeline(pipe)` with the loaded diffusers pipeline and implement
+    `generate_one`."""
+
+    def attach_pipeline(self, pipe) -> None:
+        self.pipe = pipe
+        pipe.set_progress_bar_config(disable=True)
+        # nn.Module attributes so Lightning moves and checkpoints them; the pipeline shares them.
+        self.transformer, self.vae, self.text_encoder = pipe.transformer, pipe.vae, pipe.text_encoder
+        self.requires_grad_(False)
+
+    @property
+    def transformer_dtype(self) -> torch.dtype:
+        """`self.transformer.dtype` (what its inputs are cast to), read again only when the first parameter's dtype or
+        device changes (a cast, a move, layerwise casting): diffusers' `.dtype` walks every submodule on each call,
+        0.8 ms of a tiny model's 9 ms training step."""
+        first = next(self.transformer.parameters())
+        if getattr(self, "_dtype_seen", None) != (first.dtype, first.device):
+            self._transformer_dtype = self.transformer.dtype
+            self._dtype_seen = (first.dtype, first.device)
+        return self._transformer_dtype
+
+    def trainable_module(self) -> nn.Module:
+        return self.transformer
+
+    #: the local checkpoint folder the pipeline was loaded from (None: components built in memory)
+    checkpoint_dir: str | None = None
+
+    def encoders(self) -> list[nn.Module]:
+        """The VAE and the text encoder: with cached encodings training runs neither (validation samples do)."""
+        return [self.vae, self.text_encoder]
+
+    def encoder_files(self) -> str:
+        """The encoders' files in the checkpoint (VAE, text encoder, tokenizer) as a digest, for `cache_namespace`:
+        a rebuilt tiny model or another snapshot under the same path is another model."""
+        return files_fingerprint(self.checkpoint_dir, ("model_index.json", "vae", "text_encoder", "tokenizer"))
+
+    @classmethod
+    def trainable_module_names(cls, path: str, **_) -> dict[str, str] | None:
+        """Qualified name -> class name of every submodule of the transformer, built from the checkpoint's
+        `transformer/config.json` on the meta device (no weights read, no memory; 0.1 s at 5B): what
+        `adapter.target_modules` and `adapter.modules` must match, checked before the model loads
+        (`finetune.validate.check_trainable_modules`). Needs the `local_checkpoint(path)` hook; the class is
+        `transformer_class` or the one `model_index.json` names."""
+        import diffusers
+
+        if not hasattr(cls, "local_checkpoint"):
+            return None
+        local = Path(cls.local_checkpoint(path))
+        class_name = getattr(cls, "transformer_class", None) or \
+            json.loads((local / "model_index.json").read_text())["transformer"][-1]
+        transformer_class = getattr(diffusers, class_name)
+        with torch.device("meta"):
+            transformer = transformer_class.from_config(transformer_class.load_config(local / "transformer"))
+        return {name: type(module).__name__ for name, module in transformer.named_modules() if name}
+
+    # -- export and reload ------------------------------------------------------------------------
+    def export(self, directory: str | os.PathLike, adapter) -> Path:
+        """LoRA: `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(dir)`; full finetune: the
+        transformer in diffusers layout (`transformer/`)."""
+        if isinstance(adapter, LoRA):
+            return self.write_lora_weights(directory, adapter.adapter_name)
+        return self.write_transformer(directory)
+
+    def lora_state(self, adapter_name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """The adapter's tensors (peft key names, on CPU) and its settings (rank, alpha, targets)."""
+        from peft.utils import get_peft_model_state_dict
+
+        from finetune.strategies import refuse_incomplete
+
+        state = get_peft_model_state_dict(self.transformer, adapter_name=adapter_name)
+        refuse_incomplete(state, f"the LoRA {adapter_name!r} of {type(self).__name__}")  # ZeRO-3/FSDP2, ungathered
+        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        return state, self.transformer.peft_config[adapter_name].to_dict()
+
+    def write_lora_weights(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+        state, metadata = self.lora_state(adapter_name)
+        type(self.pipe).save_lora_weights(directory, transformer_lora_layers=state,
+                                          transformer_lora_adapter_metadata=metadata)
+        return Path(directory) / LORA_FILE
+
+    def write_transformer(self, directory: str | os.PathLike) -> Path:
+        """The transformer in the checkpoint's layout (`transformer/`): pass it to
+        `Pipeline.from_pretrained(base, transformer=TransformerClass.from_pretrained(dir))`."""
+        path = Path(directory) / "transformer"
+        self.transformer.save_pretrained(path)
+        return path
+
+    def load_adapter(self, path: str | os.PathLike, adapter) -> None:
+        """A LoRA export into the recipe's adapter (rank, alpha and targets must match), or a full-finetune
+        export's transformer weights into the transformer."""
+        path = Path(path)
+        if isinstance(adapter, LoRA):
+            file = next((f for f in (path / self.lora_file_name(), path) if f.is_file()), None)
+            if file is None:
+                raise FileNotFoundError(f"adapter_path={str(path)!r} has no {self.lora_file_name()}: pass the "
+                                        f"export folder of a LoRA run of this recipe (run_dir/export).")
+            self.load_lora_file(file, adapter.adapter_name)
+        else:
+            from diffusers.models.model_loading_utils import load_state_dict
+
+            weights = path / "transformer" / "diffusion_pytorch_model.safetensors"
+            if not weights.is_file():
+                raise FileNotFoundError(f"adapter_path={str(path)!r} has no {weights.relative_to(path)}: pass the "
+                                        f"export folder of a full-finetune run (adapter=full) of this recipe.")
+            result = self.transformer.load_state_dict(load_state_dict(str(weights)), strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise ValueError(f"{weights} does not fit this transformer ({len(result.missing_keys)} missing, "
+                                 f"{len(result.unexpected_keys)} unexpected tensors): it was exported from another "
+                                 f"model.")
+
+    def lora_file_name(self) -> str:
+        return LORA_FILE
+
+    # -- other LoRA formats and merging (the `cogft` command) -------------------------------------
+    lora_names = LoraNames()  # `transformer.`-prefixed keys; a family that native ComfyUI runs adds its names
+    export_formats = ("diffusers",)
+
+    def export_format(self, directory: str | os.PathLike, adapter, fmt: str) -> Path:
+        """The trained LoRA as `fmt` (`finetune.lora_formats.files.FORMATS`: comfy, kohya) beside the diffusers file."""
+        from finetune.lora_formats.files import from_peft_state, write_adapter
+
+        if fmt not in self.export_formats or not isinstance(adapter, LoRA):
+            return super().export_format(directory, adapter, fmt)
+        state, config = self.lora_state(adapter.adapter_name)
+        return write_adapter(from_peft_state(state, config), directory, fmt, self.lora_names)
+
+    @torch.no_grad()
+    def merge_loras(self, loras: list) -> None:
+        """`W += scale * alpha / rank * B @ A` into the transformer for each `(finetune.lora_formats.files.Adapter, scale)`,
+        in fp32, each weight keeping its dtype."""
+        for adapter, scale in loras:
+            for name, module in adapter.modules.items():
+                try:
+                    weight = self.transformer.get_submodule(name).weight
+                except AttributeError:
+                    raise ValueError(f"the LoRA targets {name!r}, which this {type(self).__name__} transformer "
+                                     f"does not have: it was trained for another model.") from None
+                delta = module.delta().reshape(weight.shape).to(weight.device)
+                weight.copy_((weight.float() + scale * delta).to(weight.dtype))
+
+    def load_lora_file(self, file: Path, adapter_name: str) -> None:
+        """A safetensors LoRA with `transformer.`-prefixed peft keys and `lora_adapter_metadata`."""
+        from peft.utils import set_peft_model_state_dict
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+            metadata = {k.removeprefix("transformer."): v for k, v in header.items()}  # diffusers prefixes them
+            state = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()}
+        current = self.transformer.peft_config[adapter_name]
+        differ = [f"{option}={metadata[name]}" for name, option in
+                  (("r", "adapter.rank"), ("lora_alpha", "adapter.alpha"), ("target_modules", "adapter.target_modules"))
+                  if name in metadata and _normal(metadata[name]) != _normal(getattr(current, name))]
+        if differ:
+            raise ValueError(f"the LoRA in {file} was trained with other settings; pass {' '.join(differ)}.")
+        result = set_peft_model_state_dict(self.transformer, state, adapter_name=adapter_name)
+        if result.unexpected_keys:
+            raise ValueError(f"{file}: {len(result.unexpected_keys)} tensors fit no module, e.g. "
+                             f"{result.unexpected_keys[0]}; it was exported from another model.")
+
+    # -- validation samples -----------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, requests: list[GenerationRequest], seed: int, **kwargs) -> list[Sample]:
+        """One sample per request with the pipeline; request i draws from a CPU generator seeded seed + i."""
+        return [self.generate_one(request, torch.Generator(device="cpu").manual_seed(seed + i), **kwargs)
+                for i, request in enumerate(requests)]
+
+    def generate_one(self, request: GenerationRequest, generator: torch.Generator, **kwargs) -> Sample:
+        raise NotImplementedError
+
+    def generate_image(self, request: GenerationRequest, generator: torch.Generator,
+                       num_inference_steps: int = 50, guidance_scale: float = 5.0) -> Sample:
+        """An image at `self.height` x `self.width` (text-to-image families)."""
+        image = self.pipe(request.prompt, height=self.height, width=self.width,
+                          max_sequence_length=self.max_sequence_length, generator=generator,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale).images[0]
+        return Sample("image", image, request.prompt)
+
+
+def _normal(value):
+    if isinstance(value, (list, tuple, set)):
+        return sorted(value)
+    return value
