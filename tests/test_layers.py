@@ -110,7 +110,8 @@ def test_the_cli_speaks_only_the_family_interface():
     found = []
     for path, tree in cli_trees():
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr"):
+            called = node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else None
+            if called in ("hasattr", "getattr"):
                 found.append(f"{path}:{node.lineno} {ast.unparse(node)}")
             elif isinstance(node, ast.Attribute) and is_family(node.value) and node.attr not in interface:
                 found.append(f"{path}:{node.lineno} {ast.unparse(node)} (not in ModelFamily)")
