@@ -9,7 +9,9 @@ must look like, before any weights load), `cache_namespace` (encodings are compu
 `finetune/cache.py`) with `encoders` (what only encoding needs, kept off the accelerator while training reads the
 cache), `generate` (validation samples), `evaluate` (metrics and per-sample rows on a validation batch),
 `load_adapter` (start from or evaluate an export), `export_format` with `export_formats` and `lora_names` (other LoRA
-file layouts: the `cogft` command and `callbacks.export.formats`).
+file layouts: the `cogft` command and `callbacks.export.formats`). What the `cogft` command asks besides:
+`merge_loras` and `save_merged` (`cogft merge`, `cogft generate --lora`), `base_checkpoint_dir` (a merged model is not
+merged again), `generation_options` and `prepare_inference` (`cogft generate`), `model_card_usage` (`cogft push`).
 """
 
 from __future__ import annotations
@@ -144,6 +146,41 @@ class ModelFamily(nn.Module, ABC):
         """Load what `export` wrote for `adapter` into the trainable network (`adapter_path=DIR`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot load an exported adapter (adapter_path); "
                                   f"evaluate a training checkpoint with ckpt_path instead")
+
+    # -- what the `cogft` command asks (merge, generate, push) ----------------------------------------
+    def merge_loras(self, loras: list[tuple[str, float]]) -> list[dict]:
+        """Fold each LoRA (a file or export folder in a format the family reads, with its scale) into the base
+        weights, in order; returns one record per LoRA (its path and scale, and what was read: layout, rank,
+        alpha) for `cogft_merge.json`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot merge LoRAs into its base model (cogft merge, "
+                                  f"cogft generate --lora): the family implements no merge_loras.")
+
+    def save_merged(self, directory: str | os.PathLike) -> Path:
+        """Save the whole model (LoRAs merged) so that its library's `from_pretrained(directory)` loads it and the
+        recipe takes it as `model.path`; returns the folder."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save a merged model (cogft merge): the family "
+                                  f"implements no save_merged.")
+
+    def base_checkpoint_dir(self) -> Path | None:
+        """The local folder the base weights were loaded from (None: built in memory), where `cogft merge` looks
+        for the record of an earlier merge."""
+        raise NotImplementedError(f"{type(self).__name__} does not say which folder it loaded (cogft merge): the "
+                                  f"family implements no base_checkpoint_dir.")
+
+    def generation_options(self) -> tuple[str, ...]:
+        """The keyword options `generate` takes (`num_inference_steps`, `guidance_scale`, `fps`): `cogft generate`
+        passes those of its options that are set and named here. Default: none."""
+        return ()
+
+    def prepare_inference(self) -> None:
+        """Ready for the `cogft generate` command: eval mode, progress shown (training hides it)."""
+        self.eval()
+
+    @classmethod
+    def model_card_usage(cls, base: str, repo_id: str, files: list[str]) -> list[str] | None:
+        """The "Use it" lines (markdown) of the model card `cogft push` writes for an export holding `files`, loaded
+        on top of `base` from `repo_id`; None (the default): the command's generic lines."""
+        return None
 
     def enable_gradient_checkpointing(self) -> None:
         module = self.trainable_module()

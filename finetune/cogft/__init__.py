@@ -105,7 +105,8 @@ def run(argv: list[str]):
     quiet_known_warnings()
     try:
         return _dispatch(args)
-    except (FileNotFoundError, ValueError) as err:  # bad input: the message names the file or value and the fix
+    except (FileNotFoundError, ValueError, NotImplementedError) as err:  # bad input, or what the recipe's family
+        # cannot do (`ModelFamily`'s defaults): the message names the file, value or method and the fix
         raise SystemExit(f"cogft {args.command}: {err}") from None
 
 

@@ -5,15 +5,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+
+def conf_dir() -> Path:
+    """The folder of the installed `conf` package (the kit's configs, package data of cog-finetune)."""
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("conf")))
+    except ModuleNotFoundError:
+        raise SystemExit("the kit's configs (the `conf` package) are not installed: run `pip install -e .` in the "
+                         "cog-finetune checkout.") from None
+
+
+def _names(group: str) -> list[str]:
+    """The configs of `conf/<group>/`, by listing the installed package."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 
 def model_names() -> list[str]:
-    return sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+    return _names("model")
 
 
 def recipe_names() -> list[str]:
-    return sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
+    return _names("recipe")
 
 
 def family_class(name: str):
@@ -21,7 +35,7 @@ def family_class(name: str):
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
-    path = CONF / "model" / f"{name}.yaml"
+    path = conf_dir() / "model" / f"{name}.yaml"
     if not path.is_file():
         raise SystemExit(f"--family {name!r}: no conf/model/{name}.yaml; use one of {', '.join(model_names())}.")
     return get_class(OmegaConf.load(path)["_target_"])
@@ -35,7 +49,7 @@ def compose_recipe(recipe: str, preset: str | None = None, overrides: list[str] 
     if recipe not in recipe_names():
         raise SystemExit(f"--recipe {recipe!r}: no conf/recipe/{recipe}.yaml; use one of {', '.join(recipe_names())}.")
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return compose(config_name="train", overrides=[f"recipe={recipe}"] + ([f"preset={preset}"] if preset else [])
                        + list(overrides or []))
 

@@ -3,14 +3,11 @@ exactly as `train.py` builds them."""
 
 from __future__ import annotations
 
-import inspect as pyinspect
 import json
 import tempfile
 from pathlib import Path
 
 import torch
-
-from finetune.lora_formats.files import check_finite, read_lora_file, to_adapter
 
 from .config import build_family, compose_recipe
 
@@ -91,42 +88,6 @@ def model_overrides(model: str | None, dtype: str | None) -> list[str]:
     return ([f"model.path={model}"] if model else []) + ([f"model.dtype={dtype}"] if dtype else [])
 
 
-def is_diffusers(family) -> bool:
-    return hasattr(family, "merge_loras")
-
-
-def merge_into(family, loras: list[tuple[str, float]]) -> list[dict]:
-    """Fold each LoRA at its scale into the family's weights; returns what was merged."""
-    record = []
-    if is_diffusers(family):
-        adapters = []
-        for path, scale in loras:
-            adapter = to_adapter(read_lora_file(path), family.lora_names)
-            check_finite({f"{n}.{p}": t for n, m in adapter.modules.items() for p, t in (("A", m.A), ("B", m.B))},
-                         str(path))
-            adapters.append((adapter, scale))
-            record.append({"path": str(path), "scale": scale, "layout": adapter.layout,
-                           "rank": sorted(adapter.ranks()), "alpha": sorted(adapter.alphas())})
-        family.merge_loras(adapters)
-        return record
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-
-    for path, scale in loras:  # a PEFT adapter folder (CogVLM): peft's own merge, its scaling times `scale`
-        peft_model = PeftModel.from_pretrained(family.model, str(path))
-        for module in peft_model.modules():
-            if isinstance(module, LoraLayer):
-                module.scale_layer(scale)
-        family.model = peft_model.merge_and_unload()
-        record.append({"path": str(path), "scale": scale, "layout": "peft"})
-    return record
-
-
-def checkpoint_dir(family) -> Path | None:
-    local = getattr(family, "checkpoint_dir", None) or getattr(family, "local_path", None)
-    return Path(local) if local else None
-
-
 # -- merge -----------------------------------------------------------------------------------------
 def merge(recipe: str, loras: list[str], out: str, preset: str | None = None, model: str | None = None,
           dtype: str | None = None) -> Path:
@@ -134,20 +95,15 @@ def merge(recipe: str, loras: list[str], out: str, preset: str | None = None, mo
     with its tokenizer), with `cogft_merge.json` saying what was merged."""
     cfg = compose_recipe(recipe, preset, model_overrides(model, dtype))
     family = build_family(cfg)
-    base = checkpoint_dir(family)
+    base = family.base_checkpoint_dir()
     if base is not None and (base / MERGE_RECORD).is_file():
         raise SystemExit(f"{base} is already a merged model ({base / MERGE_RECORD}): merging again would add the "
                          f"LoRAs twice. Merge into the original base model (--model) instead.")
     parsed = [parse_lora(spec) for spec in loras]
     if not parsed:
         raise SystemExit("cogft merge: pass at least one --lora PATH[:SCALE].")
-    record = merge_into(family, parsed)
-    out_dir = Path(out)
-    if is_diffusers(family):
-        family.pipe.save_pretrained(out_dir)
-    else:
-        family.model.save_pretrained(out_dir)
-        family.tokenizer.save_pretrained(out_dir)
+    record = family.merge_loras(parsed)
+    out_dir = family.save_merged(Path(out))
     (out_dir / MERGE_RECORD).write_text(json.dumps({"merged": True, "recipe": recipe, "base": cfg.model.path,
                                                     "loras": record}, indent=1))
     print(f"merged {len(record)} LoRA(s) into {cfg.model.path}: {out_dir}")
@@ -165,47 +121,41 @@ def generate(recipe: str, prompts: list[str], out: str, preset: str | None = Non
     overrides = model_overrides(model, dtype) + [f"{k}={v}" for k, v in sizes.items() if v is not None]
     cfg = compose_recipe(recipe, preset, overrides)
     family = build_family(cfg)
-    merge_into(family, [parse_lora(spec) for spec in loras])
-    out_dir = Path(out)
-    if not is_diffusers(family):
-        return read_images(family, images, out_dir)
-    from finetune.family import GenerationRequest
-    from finetune.media import save_samples
+    if loras:
+        family.merge_loras([parse_lora(spec) for spec in loras])
+    options = {k: v for k, v in {"num_inference_steps": steps, "guidance_scale": guidance, "fps": fps}.items()
+               if v is not None and k in family.generation_options()}
+    family.prepare_inference()
+    with torch.no_grad():
+        samples = family.generate(requests(prompts, images), seed=seed, **options)
+    return write_samples(samples, Path(out))
 
+
+def requests(prompts: list[str], images: list[str]) -> list:
+    """One request per prompt with its image (one for all, or one per prompt); without prompts, one per image (a
+    family that reads images, CogVLM, asks its own prompt)."""
+    from finetune.family import GenerationRequest
+
+    if not prompts:
+        return [GenerationRequest("", image) for image in images]
     if len(images) > 1 and len(images) != len(prompts):
         raise SystemExit(f"{len(images)} --image for {len(prompts)} --prompt: give one image, or one per prompt.")
-    requests = [GenerationRequest(p, images[i] if len(images) > 1 else (images[0] if images else None))
-                for i, p in enumerate(prompts)]
-    accepted = pyinspect.signature(family.generate_one).parameters
-    kwargs = {k: v for k, v in {"num_inference_steps": steps, "guidance_scale": guidance, "fps": fps}.items()
-              if v is not None and k in accepted}
-    family.eval()
-    family.pipe.set_progress_bar_config(disable=False)  # the denoising steps (the kit hides them during training)
-    with torch.no_grad():
-        samples = family.generate(requests, seed=seed, **kwargs)
+    return [GenerationRequest(p, images[i] if len(images) > 1 else (images[0] if images else None))
+            for i, p in enumerate(prompts)]
+
+
+def write_samples(samples: list, out_dir: Path) -> list[Path]:
+    """Videos and images as NN.mp4 / NN.png (`path<TAB>prompt` printed); text (CogVLM's readings) as
+    `out/predictions.tsv`, one `image<TAB>answer` line each, printed too."""
+    if samples and all(sample.kind == "text" for sample in samples):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lines = [f"{sample.caption}\t{sample.data}" for sample in samples]
+        (out_dir / "predictions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print("\n".join(lines))
+        return [out_dir / "predictions.tsv"]
+    from finetune.media import save_samples
+
     paths = save_samples(samples, out_dir)
     for path, sample in zip(paths, samples):
         print(f"{path}\t{sample.caption}")
     return paths
-
-
-def read_images(family, images: list[str], out_dir: Path) -> list[Path]:
-    """CogVLM: greedy answers to the recipe's prompt for each image; `file<TAB>answer` printed and written to
-    `out/predictions.tsv`."""
-    from PIL import Image
-
-    from recipes.cogvlm.predict import predict
-
-    if not images:
-        raise SystemExit("cogft generate with a CogVLM recipe reads images: pass --image FILE (one or more).")
-    family.model.eval()
-    loaded = []
-    for path in images:
-        with Image.open(path) as image:
-            loaded.append(image.convert("RGB"))
-    answers = predict(family.model, family.processor, loaded, family.max_new_tokens)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"{path}\t{answer}" for path, answer in zip(images, answers)]
-    (out_dir / "predictions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
-    return [out_dir / "predictions.tsv"]

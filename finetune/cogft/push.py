@@ -49,8 +49,6 @@ def model_card(repo_id: str, cfg, files: list[str], media: list[str]) -> str:
     base = str(model.get("path", "BASE_MODEL"))
     hub_base = base.count("/") == 1 and not base.startswith((".", "/", "~"))
     family = get_class(model["_target_"]) if model.get("_target_") else None
-    pipeline = getattr(family, "pipeline_class", None) or "DiffusionPipeline"
-    comfy = getattr(getattr(family, "lora_names", None), "modules", None) is not None  # native ComfyUI runs it
     peft = "adapter_config.json" in files
     recipe = str(cfg.name) if cfg is not None else "unknown"
     adapter = OmegaConf.to_container(cfg.adapter, resolve=True) if cfg is not None else {}
@@ -67,31 +65,25 @@ def model_card(repo_id: str, cfg, files: list[str], media: list[str]) -> str:
              f"- steps: {cfg.trainer.get('max_steps') if cfg is not None else '?'}", ""]
     if media:
         lines += ["## Samples", ""] + [f"- [{m}]({m})" if m.endswith(".mp4") else f"![{m}]({m})" for m in media] + [""]
-    lines += ["## Use it", ""]
-    if peft:
-        lines += ["PEFT:", "", "```python", "from peft import PeftModel",
-                  "from recipes.cogvlm import CogVLMForCausalLM", "",
-                  f'base = CogVLMForCausalLM.from_pretrained("{base}")',
-                  f'model = PeftModel.from_pretrained(base, "{repo_id}")', "```", ""]
-    else:
-        lines += ["diffusers (rank and alpha are in the file's metadata: it loads at the trained strength):", "",
-                  "```python", "import torch", f"from diffusers import {pipeline}", "",
-                  f'pipe = {pipeline}.from_pretrained("{base}", torch_dtype=torch.bfloat16)',
-                  f'pipe.load_lora_weights("{repo_id}", weight_name="pytorch_lora_weights.safetensors", '
-                  f'adapter_name="lora")', "```", ""]
-    if not peft and comfy:
-        lines += ["ComfyUI:", ""]
-        if "comfyui_lora.safetensors" in files:
-            lines.append("- native ComfyUI: put `comfyui_lora.safetensors` (native module names, per-module `.alpha`) "
-                         "into `models/loras/` and load it with *LoraLoaderModelOnly* at strength 1.0.")
-        else:
-            lines.append("- native ComfyUI reads neither diffusers' key names nor its metadata: convert first with "
-                         "`cogft convert pytorch_lora_weights.safetensors comfyui_lora.safetensors --to comfy`.")
-        lines += ["- ComfyUI-CogVideoXWrapper: `pytorch_lora_weights.safetensors` (it loads through diffusers, "
-                  "which reads the metadata), strength 1.0.", ""]
+    usage = family.model_card_usage(base, repo_id, files) if family is not None else None
+    lines += ["## Use it", ""] + (usage if usage is not None else generic_usage(base, repo_id, peft))
     lines += ["Inspect any of these files with `cogft inspect FILE`: format, rank, alpha and the scale each loader "
               "applies.", ""]
     return "\n".join(front + lines)
+
+
+def generic_usage(base: str, repo_id: str, peft: bool) -> list[str]:
+    """The "Use it" lines for a family that gives none (`ModelFamily.model_card_usage`) or an export without the run's
+    config: a PEFT adapter (the kit's only PEFT export is CogVLM's) or a diffusers LoRA."""
+    if peft:
+        return ["PEFT:", "", "```python", "from peft import PeftModel", "from recipes.cogvlm import CogVLMForCausalLM",
+                "", f'base = CogVLMForCausalLM.from_pretrained("{base}")',
+                f'model = PeftModel.from_pretrained(base, "{repo_id}")', "```", ""]
+    return ["diffusers (rank and alpha are in the file's metadata: it loads at the trained strength):", "",
+            "```python", "import torch", "from diffusers import DiffusionPipeline", "",
+            f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16)',
+            f'pipe.load_lora_weights("{repo_id}", weight_name="pytorch_lora_weights.safetensors", '
+            f'adapter_name="lora")', "```", ""]
 
 
 def push(adapter_dir: str, repo_id: str, dry_run: str | None = None, private: bool = False,

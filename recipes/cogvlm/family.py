@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from finetune.adapters import LoRA, merged_state_dict
-from finetune.family import Evaluation, ModelFamily, parse_dtype
+from finetune.family import Evaluation, GenerationRequest, ModelFamily, Sample, parse_dtype
 from finetune.hub import resolve_pretrained
 
 from .configuration_cogvlm import CogVLMConfig
@@ -120,6 +120,16 @@ def generate_answers(model, tokenizer, input_ids, images, token_type_ids, attent
                             attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return decode_answers(tokenizer, output[:, input_ids.shape[1]:])
+
+
+@torch.no_grad()
+def predict_images(network, processor: CogVLMProcessor, images: list, max_new_tokens: int = 10) -> list[str]:
+    """Greedy answers to the processor's prompt about each PIL image, decoded by transformers' `generate` as the
+    recipe's evaluation decodes."""
+    batch = {k: v.to(network.device) for k, v in processor.prompt_batch(images).items()}
+    dtype = next(network.parameters()).dtype
+    return generate_answers(network, processor.tokenizer, batch["input_ids"], batch["images"].to(dtype),
+                            batch["token_type_ids"], batch["attention_mask"], max_new_tokens)
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -227,6 +237,65 @@ class CogVLM(ModelFamily):
                 for i, (key, label, prediction) in enumerate(zip(batch["key"], batch["label"], predictions))]
         return Evaluation(metrics={"loss": float(loss), **{name: sum(v) / len(v) for name, v in scores.items()}},
                           rows=rows)
+
+    # -- the `cogft` command: reading images, merging, model cards -------------------------------
+    @torch.no_grad()
+    def generate(self, requests: list[GenerationRequest], seed: int = 0, batch_size: int | None = None) -> list[Sample]:
+        """Greedy answers to the recipe's prompt (`model.prompt`; a request's own prompt is not read) about each
+        request's image (a path or a PIL image), `batch_size` images at a time (None: all at once); text samples
+        captioned with the image's path. Decoding is greedy: `seed` changes nothing."""
+        from PIL import Image
+
+        missing = [i for i, request in enumerate(requests) if request.image is None]
+        if missing:
+            raise ValueError(f"{type(self).__name__} reads images: request {missing[0]} has none; pass an image per "
+                             f"request (cogft generate: --image FILE, one or more).")
+        images = []
+        for request in requests:
+            if isinstance(request.image, Image.Image):
+                images.append(request.image.convert("RGB"))
+            else:
+                with Image.open(request.image) as image:
+                    images.append(image.convert("RGB"))
+        step = batch_size or max(len(images), 1)
+        answers = [answer for start in range(0, len(images), step)
+                   for answer in predict_images(self.model, self.processor, images[start: start + step],
+                                                self.max_new_tokens)]
+        return [Sample("text", answer, request.prompt if isinstance(request.image, Image.Image) else str(request.image))
+                for request, answer in zip(requests, answers)]
+
+    def merge_loras(self, loras: list[tuple[str, float]]) -> list[dict]:
+        """Each PEFT adapter folder (what `export` writes) merged by peft, its scaling times the given scale."""
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
+
+        record = []
+        for path, scale in loras:
+            peft_model = PeftModel.from_pretrained(self.model, str(path))
+            for module in peft_model.modules():
+                if isinstance(module, LoraLayer):
+                    module.scale_layer(scale)
+            self.model = peft_model.merge_and_unload()
+            record.append({"path": str(path), "scale": scale, "layout": "peft"})
+        return record
+
+    def save_merged(self, directory: str | os.PathLike) -> Path:
+        """The model in the HF layout with its tokenizer (`CogVLMForCausalLM.from_pretrained(directory)`)."""
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        return Path(directory)
+
+    def base_checkpoint_dir(self) -> Path | None:
+        return Path(self.local_path)
+
+    @classmethod
+    def model_card_usage(cls, base: str, repo_id: str, files: list[str]) -> list[str] | None:
+        """A PEFT adapter on the native model; anything else: the command's generic lines."""
+        if "adapter_config.json" not in files:
+            return None
+        return ["PEFT:", "", "```python", "from peft import PeftModel", "from recipes.cogvlm import CogVLMForCausalLM",
+                "", f'base = CogVLMForCausalLM.from_pretrained("{base}")',
+                f'model = PeftModel.from_pretrained(base, "{repo_id}")', "```", ""]
 
     def enable_gradient_checkpointing(self) -> None:
         # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias).

@@ -16,35 +16,16 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from finetune.family import parse_dtype
+from finetune.family import GenerationRequest
 
-from .family import CogVLM, generate_answers
-from .modeling_cogvlm import CogVLMForCausalLM
-from .prompting import CogVLMProcessor
-
-
-def load_model(model_dir: str, adapter: str | None = None, dtype: str = "fp32", device: str = "cpu"):
-    network = CogVLMForCausalLM.from_pretrained(model_dir, dtype=parse_dtype(dtype))
-    if adapter:
-        from peft import PeftModel
-
-        network = PeftModel.from_pretrained(network, adapter).merge_and_unload()
-    return network.to(device).eval()
-
-
-@torch.no_grad()
-def predict(network, processor: CogVLMProcessor, images: list[Image.Image], max_new_tokens: int = 10) -> list[str]:
-    """Greedy answers to the processor's prompt about each image, decoded by transformers' `generate` as the recipe's
-    evaluation decodes."""
-    batch = {k: v.to(network.device) for k, v in processor.prompt_batch(images).items()}
-    dtype = next(network.parameters()).dtype
-    return generate_answers(network, processor.tokenizer, batch["input_ids"], batch["images"].to(dtype),
-                            batch["token_type_ids"], batch["attention_mask"], max_new_tokens)
+from .family import CogVLM
+from .family import predict_images as predict  # noqa: F401  (the greedy reading itself, for scripts and tests)
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
+    """The same code as `cogft generate --recipe cogvlm_captcha_lora --image ...`: the family's `merge_loras` (the
+    adapter at scale 1) and `generate` (the recipe's greedy reading), on a model given by path instead of a recipe."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--model", default="THUDM/cogvlm-base-490-hf", help="hub id, local folder or `tiny`")
@@ -60,20 +41,18 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
     missing = [path for path in args.images if not Path(path).is_file()]
     if missing:
         parser.error(f"no such image file: {', '.join(missing)}")
-    processor = CogVLM.data_processor(path=args.model, tokenizer_path=args.tokenizer, prompt=args.prompt,
-                                      template_version=args.template)
-    network = load_model(processor.model_dir, args.adapter, args.dtype, args.device)
+    family = CogVLM(path=args.model, tokenizer_path=args.tokenizer, dtype=args.dtype,
+                    max_new_tokens=args.max_new_tokens, prompt=args.prompt, template_version=args.template)
+    if args.adapter:
+        family.merge_loras([(args.adapter, 1.0)])
+    family.to(args.device).prepare_inference()
     results = []
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start: start + args.batch_size]
-        images = []
-        for path in paths:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        answers = predict(network, processor, images, args.max_new_tokens)
-        for path, answer in zip(paths, answers):
-            print(f"{path}\t{answer}", flush=True)
-            results.append((path, answer))
+        samples = family.generate([GenerationRequest("", path) for path in paths], seed=0)
+        for path, sample in zip(paths, samples):
+            print(f"{path}\t{sample.data}", flush=True)
+            results.append((path, sample.data))
     return results
 
 

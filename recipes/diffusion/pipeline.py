@@ -184,8 +184,24 @@ class DiffusersFamily(ModelFamily):
         state, config = self.lora_state(adapter.adapter_name)
         return write_adapter(from_peft_state(state, config), directory, fmt, self.lora_names)
 
+    def merge_loras(self, loras: list[tuple[str, float]]) -> list[dict]:
+        """Each LoRA file or folder (any layout `cogft inspect` knows, read with `lora_names`) at its scale into the
+        transformer (`merge_adapters`); every file is read and checked for NaN/inf before any weight changes."""
+        from finetune.lora_formats.files import check_finite, read_lora_file, to_adapter
+
+        adapters, record = [], []
+        for path, scale in loras:
+            adapter = to_adapter(read_lora_file(path), self.lora_names)
+            check_finite({f"{n}.{p}": t for n, m in adapter.modules.items() for p, t in (("A", m.A), ("B", m.B))},
+                         str(path))
+            adapters.append((adapter, scale))
+            record.append({"path": str(path), "scale": scale, "layout": adapter.layout,
+                           "rank": sorted(adapter.ranks()), "alpha": sorted(adapter.alphas())})
+        self.merge_adapters(adapters)
+        return record
+
     @torch.no_grad()
-    def merge_loras(self, loras: list) -> None:
+    def merge_adapters(self, loras: list) -> None:
         """`W += scale * alpha / rank * B @ A` into the transformer for each `(finetune.lora_formats.files.Adapter, scale)`,
         in fp32, each weight keeping its dtype."""
         for adapter, scale in loras:
@@ -197,6 +213,41 @@ class DiffusersFamily(ModelFamily):
                                      f"does not have: it was trained for another model.") from None
                 delta = module.delta().reshape(weight.shape).to(weight.device)
                 weight.copy_((weight.float() + scale * delta).to(weight.dtype))
+
+    def save_merged(self, directory: str | os.PathLike) -> Path:
+        """The whole pipeline in diffusers layout (`Pipeline.from_pretrained(directory)`)."""
+        self.pipe.save_pretrained(directory)
+        return Path(directory)
+
+    def base_checkpoint_dir(self) -> Path | None:
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else None
+
+    #: the diffusers pipeline class the model card loads the LoRA with (None: `DiffusionPipeline`)
+    pipeline_class: str | None = None
+
+    @classmethod
+    def model_card_usage(cls, base: str, repo_id: str, files: list[str]) -> list[str] | None:
+        """diffusers' `load_lora_weights` (the metadata restores the trained strength) and, for a model native
+        ComfyUI runs (`lora_names.modules`), how ComfyUI loads it. A PEFT folder: the command's generic lines."""
+        if "adapter_config.json" in files:
+            return None
+        pipeline = cls.pipeline_class or "DiffusionPipeline"
+        lines = ["diffusers (rank and alpha are in the file's metadata: it loads at the trained strength):", "",
+                 "```python", "import torch", f"from diffusers import {pipeline}", "",
+                 f'pipe = {pipeline}.from_pretrained("{base}", torch_dtype=torch.bfloat16)',
+                 f'pipe.load_lora_weights("{repo_id}", weight_name="pytorch_lora_weights.safetensors", '
+                 f'adapter_name="lora")', "```", ""]
+        if cls.lora_names.modules is None:
+            return lines
+        lines += ["ComfyUI:", ""]
+        if "comfyui_lora.safetensors" in files:
+            lines.append("- native ComfyUI: put `comfyui_lora.safetensors` (native module names, per-module `.alpha`) "
+                         "into `models/loras/` and load it with *LoraLoaderModelOnly* at strength 1.0.")
+        else:
+            lines.append("- native ComfyUI reads neither diffusers' key names nor its metadata: convert first with "
+                         "`cogft convert pytorch_lora_weights.safetensors comfyui_lora.safetensors --to comfy`.")
+        return lines + ["- ComfyUI-CogVideoXWrapper: `pytorch_lora_weights.safetensors` (it loads through diffusers, "
+                        "which reads the metadata), strength 1.0.", ""]
 
     def load_lora_file(self, file: Path, adapter_name: str) -> None:
         """A safetensors LoRA with `transformer.`-prefixed peft keys and `lora_adapter_metadata`."""
@@ -227,6 +278,18 @@ class DiffusersFamily(ModelFamily):
 
     def generate_one(self, request: GenerationRequest, generator: torch.Generator, **kwargs) -> Sample:
         raise NotImplementedError
+
+    def generation_options(self) -> tuple[str, ...]:
+        """The keyword options of the family's `generate_one` (steps, guidance scale, fps)."""
+        import inspect
+
+        parameters = list(inspect.signature(self.generate_one).parameters.values())[2:]  # after request, generator
+        return tuple(p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY)
+
+    def prepare_inference(self) -> None:
+        """Eval mode, and the denoising steps' progress bar shown (the kit hides it during training)."""
+        super().prepare_inference()
+        self.pipe.set_progress_bar_config(disable=False)
 
     def generate_image(self, request: GenerationRequest, generator: torch.Generator,
                        num_inference_steps: int = 50, guidance_scale: float = 5.0) -> Sample:
