@@ -27,13 +27,13 @@ from finetune.adapters import LoRA  # noqa: E402
 from recipes.cogvlm import CogVLMConfig, CogVLMForCausalLM  # noqa: E402
 from recipes.cogvlm.family import lora_target_modules  # noqa: E402
 
-# THUDM/cogvlm-base-490-hf config.json (REFERENCE section 4).
+# THUDM/cogvlm-base-490-hf config.json (docs/cogvlm.md#architecture).
 COGVLM_17B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                   vocab_size=32000, template_version="base",
                   vision_config=dict(hidden_size=1792, num_hidden_layers=63, num_heads=16, intermediate_size=15360,
                                      image_size=490, patch_size=14, num_positions=1226, in_channels=3,
                                      layer_norm_eps=1e-6, hidden_act="gelu", dropout_prob=0.0))
-# THUDM/cogvlm2-llama3-chat-19B: Llama-3-8B decoder (GQA, 8 KV heads), 1344 px images (REFERENCE section 4).
+# THUDM/cogvlm2-llama3-chat-19B: Llama-3-8B decoder (GQA, 8 KV heads), 1344 px images (docs/cogvlm.md#architecture).
 COGVLM2_19B = {**COGVLM_17B, "intermediate_size": 14336, "vocab_size": 128256, "num_multi_query_heads": 8,
                "template_version": "chat",
                "vision_config": {**COGVLM_17B["vision_config"], "image_size": 1344, "num_positions": 9217}}

@@ -29,7 +29,7 @@ def test_cogvlm_analytic_flops_equal_the_flop_counter():
 
 
 def test_real_sizes():
-    """The token counts and sizes the table runs at: REFERENCE section 5's 5B LoRA step (about 1.2e15 FLOPs at
+    """The token counts and sizes the table runs at: docs/memory.md#what-the-official-runs-report's 5B LoRA step (about 1.2e15 FLOPs at
     49x480x720 with activation checkpointing, model FLOPs plus the recomputed forward); CogView4-6B at 1024^2 (4096
     image tokens, 6B parameters); CogVLM-17B at 490 (1227 image tokens, ~17B parameters)."""
     from gpu_table import analytic_forward_flops, bench, step_model_flops

@@ -1,4 +1,5 @@
-"""Every command in README.md is run here (or by .ci/run: install and the test command)."""
+"""Every command in README.md and docs/*.md is run or composed here (or by .ci/run: install and the test command;
+the cogft, torchrun and bench commands by the tests tests/test_docs.py names)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,25 @@ import pytest
 from conftest import REPO, compose
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
+# The README first, then the docs pages in name order: every page whose commands and marked blocks are tested.
+PAGES = {"README.md": README, **{f"docs/{p.name}": p.read_text(encoding="utf-8")
+                                 for p in sorted((REPO / "docs").glob("*.md"))}}
 
 
-def block_after(marker: str) -> str:
-    match = re.search(rf"<!-- {marker} -->\n```\w*\n(.*?)```", README, re.S)
-    assert match, f"README has no block marked {marker}"
-    return match.group(1).strip()
+def block_after(marker: str, page: str | None = None) -> str:
+    """The fenced block after `<!-- marker -->`, in `page` (e.g. "docs/cogvlm.md") or in the one page that has it."""
+    pages = [page] if page else list(PAGES)
+    found = [m.group(1).strip() for name in pages
+             for m in re.finditer(rf"<!-- {marker} -->\n```\w*\n(.*?)```", PAGES[name], re.S)]
+    assert found, f"{page or 'README.md or docs/'} has no block marked {marker}"
+    assert len(found) == 1, f"{len(found)} blocks marked {marker}: a marker names one block"
+    return found[0]
 
 
 def train_commands() -> list[str]:
-    return [line.strip() for line in re.findall(r"^python train\.py .*$", README, re.M)]
+    """Every `python train.py ...` line of README.md and docs/*.md, each once, in page order."""
+    lines = [line.strip() for text in PAGES.values() for line in re.findall(r"^python train\.py .*$", text, re.M)]
+    return list(dict.fromkeys(lines))
 
 
 def run(command: str, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -75,7 +85,7 @@ def test_cogvlm_demo_commands_chain(tmp_path):
 @pytest.mark.slow
 def test_demo_command_trains_exports_and_writes_videos(tmp_path):
     """The README's main job, as a subprocess, W&B offline without credentials."""
-    command = block_after("demo")
+    command = block_after("demo", "README.md")
     assert command == "python train.py recipe=cogvideox_lora preset=tiny"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     result = subprocess.run(shlex.split(command.replace("python", sys.executable, 1)) + [f"run_dir={tmp_path}"],

@@ -1,6 +1,6 @@
 """What a LoRA file is and how each loader takes it: `describe` (what `cogft inspect` prints) and `loader_report`.
 
-The loaders' rules (REFERENCE section 3, "Loaders that ignore diffusers' metadata"):
+The loaders' rules (docs/lora-formats.md#loaders-rules):
 - diffusers `load_lora_weights`: only `transformer.`-prefixed `lora_A/lora_B` keys; alpha from the header's
   `lora_adapter_metadata`, else alpha = rank (scale 1). Other headers (finetrainers' `lora_config`) are not read.
 - kijai's ComfyUI-CogVideoXWrapper: a file with `lora_B` keys goes through diffusers (same rules, and any key without

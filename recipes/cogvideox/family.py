@@ -1,6 +1,6 @@
 """CogVideoX text-to-video (2b, 5b, 1.5-5B): loading, the official v-prediction objective, sampling and export.
 
-Objective (THUDM/CogVideo `finetune/models/cogvideox_t2v/lora_trainer.py`, REFERENCE section 2):
+Objective (THUDM/CogVideo `finetune/models/cogvideox_t2v/lora_trainer.py`; docs/objectives.md#cogvideox-text-to-video):
 `x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`, `t ~ U{0..T-1}`, the transformer predicts v, and the loss is
 `mean((1 / (1 - abar)) * (x0_hat - x0)^2)` with `x0_hat = sqrt(abar) x_t - sqrt(1 - abar) v_hat`.
 

@@ -2,7 +2,7 @@
 the image the video starts from.
 
 Objective (THUDM/CogVideo `finetune/models/cogvideox_i2v/lora_trainer.py`, diffusers
-`examples/cogvideo/train_cogvideox_image_to_video_lora.py`, REFERENCE section 2): as text-to-video, with the
+`examples/cogvideo/train_cogvideox_image_to_video_lora.py`; docs/objectives.md#cogvideox-image-to-video): as text-to-video, with the
 transformer reading `[x_t, image latents]` on channels (in_channels 32). The image latents, built each step:
 - noise augmentation in pixel space: `img' = img + sigma * eps`, `sigma = exp(N(-3, 0.5))` (one draw per sample;
   the official trainers draw one per batch, the same at their batch size 1);

@@ -1,4 +1,4 @@
-"""CogVideoX module names as other tools spell them, for `finetune.lora_formats.files` (REFERENCE section 3).
+"""CogVideoX module names as other tools spell them, for `finetune.lora_formats.files` (docs/lora-formats.md#native-comfyui).
 
 Native ComfyUI (CogVideoX support added in ComfyUI PR #13402): `transformer_blocks.N.attn1.to_q/to_k/to_v` ->
 `blocks.N.q/k/v`, `attn1.to_out.0` -> `attn_out`, `attn1.norm_q/norm_k` -> `norm_q/norm_k`, `ff.net.0.proj` ->

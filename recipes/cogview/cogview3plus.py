@@ -1,6 +1,6 @@
 """CogView3-Plus text-to-image: loading, the v-prediction objective, sampling and a merged-LoRA export.
 
-Objective (REFERENCE section 2; the scheduler of THUDM/CogView3-Plus-3B, `CogVideoXDDIMScheduler` with
+Objective (docs/objectives.md#cogview3-plus; the scheduler of THUDM/CogView3-Plus-3B, `CogVideoXDDIMScheduler` with
 scaled-linear betas, `snr_shift_scale` 4.0 and zero terminal SNR): `t ~ U{0..999}`,
 `x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`, the transformer predicts `v = sqrt(abar_t) eps -
 sqrt(1 - abar_t) x0` and the loss is its MSE (the same as CogVideoX's x0-space loss weighted by

@@ -1,6 +1,6 @@
 """CogView4 text-to-image: loading, the flow-matching objective, padded-prompt masking, sampling and export.
 
-Objective (THUDM/CogKit `finetune/diffusion/models/cogview/cogview4/lora_trainer.py`, REFERENCE section 2):
+Objective (THUDM/CogKit `finetune/diffusion/models/cogview/cogview4/lora_trainer.py`; docs/objectives.md#cogview4):
 `sigma ~ U(0, 1)`, shifted by the resolution-dependent `mu = sqrt(image_seq_len / 256) * 0.75 + 0.25` to
 `sigma' = mu / (mu + (1 / sigma - 1))`; `x_t = (1 - sigma') x0 + sigma' eps`; the transformer predicts the
 velocity `eps - x0` and the loss is its MSE. The timestep the transformer sees is the *unshifted*
@@ -82,7 +82,7 @@ def check_sides(family: str, multiple: int, **sides: int) -> None:
 
 class BucketedImageFamily(DiffusersFamily):
     """A text-to-image family trained in aspect buckets within the sizes the model generates (CogView4 and
-    CogView3-Plus: sides multiples of 32 in 512..2048, at most 2^21 pixels; REFERENCE section 1)."""
+    CogView3-Plus: sides multiples of 32 in 512..2048, at most 2^21 pixels; docs/models.md#checkpoints-and-their-limits)."""
 
     #: the model's name in error messages
     display_name = "CogView4"

@@ -1,7 +1,7 @@
 """Native CogVLM / CogVLM2 for transformers (no `trust_remote_code`).
 
 Written from the published architecture (THUDM/cogvlm-chat-hf and THUDM/cogvlm2-llama3-chat-19B
-`modeling_cogvlm.py` / `visual.py`; /work/shared/REFERENCE.md section 4): a LLaMA decoder whose attention QKV and
+`modeling_cogvlm.py` / `visual.py`; docs/cogvlm.md#architecture): a LLaMA decoder whose attention QKV and
 output projections and whose MLP exist twice, a language expert and a vision expert, chosen per token from
 `token_type_ids` (0 language, 1 vision). The parameter names are those of the published checkpoints, so
 `CogVLMForCausalLM.from_pretrained` reads their sharded safetensors without any renaming.

@@ -5,7 +5,7 @@
 - `v_prediction_loss`: the CogVideoX-style DDPM objective (CogVideoX, CogView3-Plus): `t ~ U{0..T-1}`,
   `x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`, the network predicts v, and the loss is the official CogVideo
   finetune's `mean((1 / (1 - abar)) (x0_hat - x0)^2)` with `x0_hat = sqrt(abar) x_t - sqrt(1 - abar) v_hat`,
-  which equals the v-MSE (REFERENCE section 2).
+  which equals the v-MSE (docs/objectives.md#cogvideox-text-to-video).
 - `FlowMatching`: rectified flow with a resolution shift (CogView4): sigma density, the shifted noise level,
   the timestep convention the pipeline feeds the network, and the loss weighting.
 """
@@ -49,7 +49,7 @@ LOSS_WEIGHTING = ("none", "cosmap")
 
 @dataclass
 class FlowMatching:
-    """Flow matching with a resolution-dependent shift, as CogView4 (REFERENCE section 2).
+    """Flow matching with a resolution-dependent shift, as CogView4 (docs/objectives.md#cogview4).
 
     `sigma ~ density`, shifted by the scheduler's own `time_shift(mu)` to the noise level `s`;
     `x_t = (1 - s) x0 + s eps`; target `eps - x0`; MSE, optionally weighted.

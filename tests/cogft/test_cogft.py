@@ -1,6 +1,6 @@
 """`cogft inspect` / `cogft convert` (finetune/lora_formats/files.py, recipes/cogvideox/keys.py): every converted file is
 loaded by its consumer and gives the trained update; the ComfyUI file's names and `.alpha` follow ComfyUI's rules
-(REFERENCE section 3), written out independently here."""
+(docs/lora-formats.md#loaders-rules), written out independently here."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "nor
 
 
 def reference_native(name: str) -> str:
-    """REFERENCE section 3, diffusers -> native ComfyUI CogVideoX names, written independently of the kit's map."""
+    """docs/lora-formats.md#native-comfyui, diffusers -> native ComfyUI CogVideoX names, written independently of the kit's map."""
     block = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", name)
     if block:
         n, rest = block.groups()
@@ -340,7 +340,7 @@ def test_inspect_on_folded_and_nonfinite_files(trained, tmp_path):
 
 def test_native_names_cover_every_weight_of_every_cogvideox_variant():
     """Every module with a weight, in a 1.0 and a 1.5-I2V transformer (ofs embedding, patch_size_t): the kit's map
-    gives REFERENCE's native name and maps it back."""
+    gives the native name (docs/lora-formats.md#native-comfyui) and maps it back."""
     from diffusers import CogVideoXTransformer3DModel
 
     from recipes.cogvideox.keys import COGVIDEOX_LORA_NAMES

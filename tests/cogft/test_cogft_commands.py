@@ -1,4 +1,4 @@
-"""`cogft export / merge / generate / push` on the tiny presets, and the README's cogft section as written."""
+"""`cogft export / merge / generate / push` on the tiny presets, and the cogft section of docs/cogft.md as written."""
 
 from __future__ import annotations
 
@@ -193,9 +193,9 @@ def test_push_dry_run_writes_what_would_be_uploaded(t2v_run, tmp_path):
 
 
 def readme_section() -> str:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "docs" / "cogft.md").read_text(encoding="utf-8")
     match = re.search(r"^## The cogft command\n(.*?)^## ", readme, re.S | re.M)
-    assert match, "README has no '## The cogft command' section"
+    assert match, "docs/cogft.md has no '## The cogft command' section"
     return match.group(1)
 
 

@@ -199,11 +199,11 @@ def test_fsdp2_matches_one_process_and_resumes(one_process, tmp_path):
 
 @pytest.mark.slow
 def test_readme_torchrun_command(tmp_path):
-    """The README's torchrun launch, as written (in a temporary run_dir, CSV logging, fewer steps)."""
+    """The torchrun launch of docs/scaling.md, as written (in a temporary run_dir, CSV logging, fewer steps)."""
     import re
     import shlex
 
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "docs" / "scaling.md").read_text(encoding="utf-8")
     command = re.search(r"<!-- torchrun -->\n```\w*\n(.*?)```", readme, re.S).group(1).strip()
     assert command.startswith("torchrun --standalone --nproc_per_node=2 train.py") and "run_dir=" in command
     args = [a for a in shlex.split(command) if not a.startswith("run_dir=")]

@@ -1,5 +1,5 @@
 """CogVideoX image-to-video (5b-I2V and 1.5-I2V): the image latents and positions the installed pipeline uses, the
-objective of REFERENCE section 2, the size rule of the learned positional embedding, export and validation."""
+objective of docs/objectives.md#cogvideox-image-to-video, the size rule of the learned positional embedding, export and validation."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def test_training_gives_the_transformer_what_the_pipeline_gives_it(family_cls, f
 
 @pytest.mark.parametrize("family_cls, frames", FAMILIES, ids=IDS)
 def test_loss_is_the_reference_formula(family_cls, frames):
-    """REFERENCE section 2, written out: image + exp(N(-3, 0.5)) * eps, VAE posterior draw, scaled as the pipeline
+    """docs/objectives.md#cogvideox-image-to-video, written out: image + exp(N(-3, 0.5)) * eps, VAE posterior draw, scaled as the pipeline
     (x 1/scaling_factor for 1.5), zeros after frame 0, on channels after x_t; `ofs` 2.0 for 1.5."""
     family = tiny(family_cls, frames, image_dropout=0.0)
     batch = fixed_batch(frames)
@@ -281,7 +281,7 @@ def test_validation_sample_keeps_its_image_next_to_it(tmp_path, monkeypatch):
 
 
 def test_readme_snippet_loads_both_exports(tiny_cogvideox, tmp_path):
-    """The README's "Loading the exports" snippet, on tiny exports of recipe=cogvideox_i2v_lora and cogvideox_sft."""
+    """docs/cogvideox.md's "Loading the exports" snippet, on tiny exports of recipe=cogvideox_i2v_lora and cogvideox_sft."""
     from test_readme import block_after
 
     from recipes.cogvideox.family import CogVideoX

@@ -1,4 +1,4 @@
-"""The CogVideoX objective: golden losses and the formula of REFERENCE section 2."""
+"""The CogVideoX objective: golden losses and the formula of docs/objectives.md#cogvideox-text-to-video."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def fixed_batch(batch_size=2, seed=0) -> dict:
 
 
 def reference_alphas_cumprod(shift: float, steps: int = 1000) -> torch.Tensor:
-    """REFERENCE section 2, written out independently of diffusers."""
+    """docs/objectives.md#cogvideox-text-to-video, written out independently of diffusers."""
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, steps, dtype=torch.float64) ** 2
     abar = torch.cumprod(1 - betas, 0)
     abar = abar / (shift + (1 - shift) * abar)
@@ -67,7 +67,7 @@ def test_loss_is_the_reference_formula(tiny_cogvideox):
 
 
 def test_rotary_embeddings_equal_the_slice_grid_at_native_size(tiny_cogvideox):
-    """REFERENCE: `get_3d_rotary_pos_embed(grid_type="slice")`; training uses the pipeline's own
+    """The official slice grid (docs/objectives.md#rotary-positions-at-non-native-sizes); training uses the pipeline's own
     function (what inference uses), which agrees at the native resolution."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
@@ -139,7 +139,7 @@ def test_cogvideox15_pads_odd_latent_frames_with_the_first():
 
 def test_rotary_embeddings_are_the_pipelines_at_a_non_native_size(tiny_cogvideox):
     """Recorded from a `CogVideoXPipeline` call at 32x48 (native: 32x32): training uses the pipeline's squeezed
-    `linspace` grid there, not the official finetune's integer `slice` grid (REFERENCE section 2), because the
+    `linspace` grid there, not the official finetune's integer `slice` grid (docs/objectives.md#rotary-positions-at-non-native-sizes), because the
     pipeline is what runs the LoRA."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
     from test_cogvideox_i2v import record_transformer_calls

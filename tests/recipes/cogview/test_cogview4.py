@@ -78,7 +78,7 @@ def test_timestep_and_noise_level_follow_the_installed_pipeline(tiny_cogview4):
                 generator=torch.Generator().manual_seed(0))
     sigmas = family.pipe.scheduler.sigmas[:5].double()
     timesteps = torch.stack([t[0] for t in seen]).double()
-    # REFERENCE: mu = sqrt(image_seq_len / 256) * 0.75 + 0.25, image_seq_len = (H/8)(W/8)/4
+    # docs/objectives.md#cogview4: mu = sqrt(image_seq_len / 256) * 0.75 + 0.25, image_seq_len = (H/8)(W/8)/4
     mu = math.sqrt((32 // 8) * (64 // 8) / 4 / 256) * 0.75 + 0.25
     assert family.shift_mu(32, 64) == pytest.approx(mu)
     unshifted = 1.0 / (1.0 + mu * (1.0 / sigmas - 1.0))  # inverse of sigma' = mu / (mu + 1/sigma - 1)

@@ -80,7 +80,7 @@ def _shapes(model):
 
 
 def _expected_cogvlm1_shapes():
-    """Names and shapes of the cogvlm-chat-hf / cogvlm-base-490-hf safetensors (REFERENCE.md section 4)."""
+    """Names and shapes of the cogvlm-chat-hf / cogvlm-base-490-hf safetensors (docs/cogvlm.md#architecture)."""
     expected = {
         "model.embed_tokens.weight": (32000, 4096),
         "model.norm.weight": (4096,),

@@ -163,7 +163,7 @@ SPLIT = "data.split_fractions=[0.8,0.05,0.15]"  # 60 captchas: 48 / 3 / 9 (the p
 
 @pytest.fixture(scope="module")
 def fitted(tiny_cogvlm, tmp_path_factory):
-    """The README demo, shortened: 4 steps, validation after steps 2 and 4."""
+    """The CogVLM demo of docs/cogvlm.md, shortened: 4 steps, validation after steps 2 and 4."""
     run_dir = tmp_path_factory.mktemp("cogvlm_fit")
     train(compose(["recipe=cogvlm_captcha_lora", "preset=tiny", "logger=csv", f"run_dir={run_dir}",
                    "trainer.max_steps=4", "trainer.val_check_interval=2", "data.demo_count=60", SPLIT,
@@ -275,7 +275,7 @@ def test_the_demo_learns_to_read(tmp_path):
 
 
 def test_memory_count_for_cogvlm2_with_8bit_adamw():
-    """`python bench/cogvlm_memory.py --model cogvlm2 --optimizer adamw8bit` (README): CogVLM2-19B's counts."""
+    """`python bench/cogvlm_memory.py --model cogvlm2 --optimizer adamw8bit` (docs/cogvlm.md): CogVLM2-19B's counts."""
     import sys
 
     from conftest import REPO
