@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.lora_formats.files import LoraFileError, read_lora_file, to_adapter, write_adapter
+from finetune.lora_formats.files import LoraFileError, read_lora_file, to_adapter, trained_record, write_adapter
 from finetune.lora_formats.loaders import describe
 
 from .config import family_class
@@ -36,7 +36,9 @@ def format_report(info: dict) -> str:
                  f", {info['full_tensors']} fully trained tensors (modules_to_save)" if info["full_tensors"] else ""),
              f"rank        {', '.join(map(str, info['ranks'])) or '-'}",
              f"alpha       {', '.join(f'{a:g}' for a in info['alphas']) or '-'}   from: {info['alpha_source']}",
-             f"trained     scale alpha/rank = {scale(info['trained_scale'])}",
+             f"trained     scale alpha/rank = {scale(info['trained_scale'])}" + (
+                 f" (trained at rank {info['trained']['rank']}, alpha {info['trained']['alpha']:g}: alpha/rank "
+                 f"folded into lora_B)" if info.get("trained") else ""),
              f"targets     {', '.join(info['targets']) or '-'}",
              "finite      " + ("yes" if not info["non_finite"] else
                                f"NO: {len(info['non_finite'])} tensors hold NaN/inf, e.g. {info['non_finite'][0]}"),
@@ -53,7 +55,8 @@ def convert(source: str, out: str, to: str, family: str = "cogvideox", alpha: fl
     names = lora_names(family)
     file = read_lora_file(source)
     adapter = to_adapter(file, names, alpha=alpha)
-    path = write_adapter(adapter, out, to, names, fold=fold_alpha)
+    # a folded source (the kit's export) keeps its record: its lora_B already holds the trained alpha / rank
+    path = write_adapter(adapter, out, to, names, fold=fold_alpha, trained=trained_record(file.header))
     print(f"{file.path} ({adapter.layout}, rank {sorted(adapter.ranks())}, alpha {sorted(adapter.alphas())} from "
           f"{adapter.alpha_source}) -> {path} ({to}{', alpha folded into lora_B' if fold_alpha else ''})")
     return path

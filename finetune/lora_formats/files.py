@@ -356,24 +356,66 @@ def fold_alpha(adapter: Adapter) -> Adapter:
     return Adapter(modules, layout=adapter.layout, alpha_source="folded into lora_B")
 
 
-def diffusers_tensors(adapter: Adapter, names: LoraNames, fold: bool = False) -> tuple[dict, dict]:
-    """Keys `transformer.<module>.lora_A/B.weight`; metadata as `save_lora_weights` writes it (none when folded)."""
+#: the header key where a folded file keeps what it was trained with (rank, alpha): `adapter_path` unfolds lora_B
+#: with it; loaders never read it (docs/lora-formats.md#the-default-export)
+TRAINED_KEY = "cogft_trained"
+
+
+def diffusers_tensors(adapter: Adapter, names: LoraNames, fold: bool = False,
+                      targets: list[str] | None = None, trained: dict | None = None) -> tuple[dict, dict]:
+    """Keys `transformer.<module>.lora_A/B.weight` and a `lora_adapter_metadata` header of the fields every supported
+    peft's `LoraConfig` takes (`r`, `lora_alpha`, `target_modules`, and the rank/alpha patterns when not uniform).
+    `fold`: alpha/rank multiplied into lora_B and the header's alpha set to the rank, so every loader -- diffusers
+    0.33, which never reads the header, included -- applies the trained update at strength 1; the trained rank and
+    alpha are kept under `TRAINED_KEY`. `targets`: the header's `target_modules` (default: every module's name).
+    `trained`: the record of a folded file `adapter` was read from (its lora_B already holds alpha/rank), kept."""
+    as_trained = adapter
     adapter = fold_alpha(adapter) if fold else adapter
     tensors = {}
     for module, m in adapter.modules.items():
         tensors[f"{names.prefix}{module}.lora_A.weight"] = m.A
         tensors[f"{names.prefix}{module}.lora_B.weight"] = m.B
-    header = {"format": "pt"}
-    if not fold:
-        rank = _most_common([m.rank for m in adapter.modules.values()])
-        alpha = _most_common([m.alpha for m in adapter.modules.values()])
-        config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(adapter.modules),
-                  "rank_pattern": {n: m.rank for n, m in adapter.modules.items() if m.rank != rank},
-                  "alpha_pattern": {n: m.alpha for n, m in adapter.modules.items() if m.alpha != alpha}}
-        prefix = names.prefix.rstrip(".")
-        header["lora_adapter_metadata"] = json.dumps({f"{prefix}.{k}": v for k, v in config.items()}, indent=2,
-                                                     sort_keys=True)
+    rank = _most_common([m.rank for m in adapter.modules.values()])
+    alpha = _most_common([m.alpha for m in adapter.modules.values()])
+    config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets or adapter.modules)}
+    rank_pattern = {n: m.rank for n, m in adapter.modules.items() if m.rank != rank}
+    alpha_pattern = {n: m.alpha for n, m in adapter.modules.items() if m.alpha != alpha}
+    config.update({"rank_pattern": rank_pattern} if rank_pattern else {})
+    config.update({"alpha_pattern": alpha_pattern} if alpha_pattern else {})
+    prefix = names.prefix.rstrip(".")
+    header = {"format": "pt",
+              "lora_adapter_metadata": json.dumps({f"{prefix}.{k}": v for k, v in config.items()}, indent=2,
+                                                  sort_keys=True)}
+    if trained is not None:
+        header[TRAINED_KEY] = json.dumps(trained, sort_keys=True)
+    elif fold:
+        trained_rank = _most_common([m.rank for m in as_trained.modules.values()])
+        trained_alpha = _most_common([m.alpha for m in as_trained.modules.values()])
+        record = {"rank": trained_rank, "alpha": trained_alpha, "lora_B": "multiplied by alpha / rank"}
+        patterns = {n: m.alpha for n, m in as_trained.modules.items() if m.alpha != trained_alpha}
+        record.update({"alpha_pattern": patterns} if patterns else {})
+        header[TRAINED_KEY] = json.dumps(record, sort_keys=True)
     return tensors, header
+
+
+def trained_record(header: dict) -> dict | None:
+    """What a folded file was trained with (`diffusers_tensors(fold=True)`), or None for any other file."""
+    raw = header.get(TRAINED_KEY)
+    return json.loads(raw) if raw else None
+
+
+def unfold_alpha(tensors: dict[str, torch.Tensor], record: dict, rank: int) -> dict[str, torch.Tensor]:
+    """The trained tensors of a folded file: each lora_B divided by alpha / rank again (bitwise the trained values when
+    alpha / rank is a power of two, e.g. r 128 / alpha 64; else within one fp32 rounding)."""
+    patterns = record.get("alpha_pattern", {})
+    out = {}
+    for key, value in tensors.items():
+        if ".lora_B." in key:
+            module = key.split(".lora_B.")[0]
+            scale = float(patterns.get(module, record["alpha"])) / rank
+            value = (value.float() / scale).to(value.dtype)
+        out[key] = value
+    return out
 
 
 def native_tensors(adapter: Adapter, names: LoraNames, fold: bool = False) -> dict:
@@ -408,7 +450,8 @@ FORMATS = ("diffusers", "comfy", "kohya")
 DEFAULT_NAMES = {"diffusers": DIFFUSERS_FILE, "comfy": "comfyui_lora.safetensors", "kohya": "kohya_lora.safetensors"}
 
 
-def write_adapter(adapter: Adapter, out: str | Path, to: str, names: LoraNames, fold: bool = False) -> Path:
+def write_adapter(adapter: Adapter, out: str | Path, to: str, names: LoraNames, fold: bool = False,
+                  targets: list[str] | None = None, trained: dict | None = None) -> Path:
     """Write `adapter` as `to` (diffusers | comfy | kohya). `out`: a .safetensors path, or a folder (the format's
     usual file name inside). Refuses non-finite tensors."""
     from safetensors.torch import save_file
@@ -418,7 +461,7 @@ def write_adapter(adapter: Adapter, out: str | Path, to: str, names: LoraNames, 
     check_finite({f"{n}.{p}": t for n, m in adapter.modules.items() for p, t in (("A", m.A), ("B", m.B))}, str(out))
     header = {"format": "pt"}
     if to == "diffusers":
-        tensors, header = diffusers_tensors(adapter, names, fold)
+        tensors, header = diffusers_tensors(adapter, names, fold, targets, trained)
     elif to == "comfy":
         tensors = native_tensors(adapter, names, fold)
     else:

@@ -31,6 +31,7 @@ from finetune.lora_formats.files import (
     full_tensors,
     read_lora_file,
     to_adapter,
+    trained_record,
 )
 
 
@@ -44,6 +45,9 @@ def describe(path: str | Path, names: LoraNames | None = None) -> dict:
             "dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in file.tensors.values()}),
             "non_finite": [k for k, v in file.tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()],
             "header_keys": sorted(k for k in file.header if k != "format"), "full_tensors": len(full_tensors(file))}
+    record = trained_record(file.header)  # the kit's export: alpha / rank folded into lora_B, the trained values kept
+    info["trained"] = None if record is None else {"rank": record["rank"], "alpha": record["alpha"],
+                                                   "alpha_folded_into_lora_B": True}
     try:
         adapter = to_adapter(file, names)
         info.update(modules=len(adapter.modules), ranks=sorted(adapter.ranks()), alphas=sorted(adapter.alphas()),

@@ -133,10 +133,15 @@ class DiffusersFamily(ModelFamily):
         return state, self.transformer.peft_config[adapter_name].to_dict()
 
     def write_lora_weights(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
-        state, metadata = self.lora_state(adapter_name)
-        type(self.pipe).save_lora_weights(directory, transformer_lora_layers=state,
-                                          transformer_lora_adapter_metadata=metadata)
-        return Path(directory) / LORA_FILE
+        """The keys and file name `pipe.save_lora_weights` writes, with alpha/rank folded into lora_B and a header of
+        the fields every supported peft takes (alpha = rank), the trained rank and alpha kept beside it: diffusers
+        0.33 (which ignores the header), 0.34+ with any peft >= the kit's pin, ComfyUI-CogVideoXWrapper and PEFT all
+        apply the trained update at strength 1 (docs/lora-formats.md#the-default-export; `bench/compat.py`)."""
+        from finetune.lora_formats.files import from_peft_state, write_adapter
+
+        state, config = self.lora_state(adapter_name)
+        return write_adapter(from_peft_state(state, config), Path(directory) / LORA_FILE, "diffusers",
+                             self.lora_names, fold=True, targets=sorted(config["target_modules"]))
 
     def write_transformer(self, directory: str | os.PathLike) -> Path:
         """The transformer in the checkpoint's layout (`transformer/`): pass it to
@@ -254,10 +259,17 @@ class DiffusersFamily(ModelFamily):
         from peft.utils import set_peft_model_state_dict
         from safetensors import safe_open
 
+        from finetune.lora_formats.files import trained_record, unfold_alpha
+
         with safe_open(str(file), framework="pt") as f:
-            header = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+            raw = f.metadata() or {}
+            header = json.loads(raw.get("lora_adapter_metadata", "{}"))
             metadata = {k.removeprefix("transformer."): v for k, v in header.items()}  # diffusers prefixes them
             state = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()}
+        record = trained_record(raw)
+        if record is not None:  # the kit's folded export: the trained alpha, and lora_B as trained
+            metadata["lora_alpha"] = record["alpha"]
+            state = unfold_alpha(state, record, int(metadata.get("r", record["rank"])))
         current = self.transformer.peft_config[adapter_name]
         differ = [f"{option}={metadata[name]}" for name, option in
                   (("r", "adapter.rank"), ("lora_alpha", "adapter.alpha"), ("target_modules", "adapter.target_modules"))

@@ -130,9 +130,12 @@ def test_fold_alpha_gives_the_same_deltas_at_strength_one(trained, tiny_cogvideo
     native = apply_native(base, folded, strength=1.0)
     for module, delta in deltas.items():
         torch.testing.assert_close(native[f"{module}.weight"] - base[f"{module}.weight"], delta, rtol=1e-4, atol=1e-6)
-    # a folded diffusers file carries no metadata: diffusers applies it at alpha = rank, the trained update
+    # a folded diffusers file's header says alpha = rank (a loader that ignores it, diffusers 0.33, assumes the same)
+    # and keeps what it was trained with aside: diffusers applies the trained update
     plain = cogft(["convert", str(files["diffusers"]), str(tmp_path / "plain"), "--to", "diffusers", "--fold-alpha"])
-    assert "lora_adapter_metadata" not in read(plain)[1]
+    header = read(plain)[1]
+    assert json.loads(header["lora_adapter_metadata"])["transformer.lora_alpha"] == RANK
+    assert json.loads(header["cogft_trained"])["alpha"] == ALPHA
     fused = diffusers_fused(tiny_cogvideox, plain.parent)
     for module, delta in deltas.items():
         torch.testing.assert_close(fused[f"{module}.weight"] - base[f"{module}.weight"], delta, rtol=1e-4, atol=1e-6)
@@ -148,9 +151,9 @@ def test_kohya_file_on_the_diffusers_names(trained, tmp_path):
         down, up = tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"]
         torch.testing.assert_close(float(tensors[f"{key}.alpha"]) / down.shape[0] * up @ down, delta,
                                    rtol=1e-4, atol=1e-6)
-    # and back: kohya and comfy files convert to the same diffusers file
+    # and back: kohya and comfy files convert (folded, as the export is written) to the same diffusers file
     for fmt in ("kohya", "comfy"):
-        back, _ = read(cogft(["convert", str(files[fmt]), str(tmp_path / fmt), "--to", "diffusers"]))
+        back, _ = read(cogft(["convert", str(files[fmt]), str(tmp_path / fmt), "--to", "diffusers", "--fold-alpha"]))
         original, _ = read(files["diffusers"])
         assert set(back) == set(original)
         for key in original:
@@ -301,7 +304,8 @@ def test_diffusers_example_file_without_alpha_needs_alpha(trained, tmp_path, cap
 
 @pytest.mark.parametrize("fmt, expected", [
     # loader -> (loads, scale applied to B @ A)
-    ("diffusers", {"diffusers": (True, 2.0), "kijai_wrapper": (True, 2.0), "comfyui_native": (False, None),
+    # the export folds alpha / rank into lora_B: every loader's factor is 1, the trained update
+    ("diffusers", {"diffusers": (True, 1.0), "kijai_wrapper": (True, 1.0), "comfyui_native": (False, None),
                    "peft": (False, None)}),
     ("comfy", {"diffusers": (False, None), "kijai_wrapper": (False, None), "comfyui_native": (True, 2.0),
                "peft": (False, None)}),
@@ -311,7 +315,10 @@ def test_diffusers_example_file_without_alpha_needs_alpha(trained, tmp_path, cap
 def test_inspect_reports_each_loaders_scale(trained, fmt, expected, capsys):
     _, _, files, _, _ = trained
     info = cogft(["inspect", str(files[fmt])])
-    assert info["ranks"] == [RANK] and info["alphas"] == [ALPHA] and info["trained_scale"] == ALPHA / RANK
+    folded = fmt == "diffusers"
+    assert info["ranks"] == [RANK] and info["alphas"] == [RANK if folded else ALPHA]
+    assert info["trained_scale"] == (1.0 if folded else ALPHA / RANK)
+    assert info["trained"] == ({"rank": RANK, "alpha": ALPHA, "alpha_folded_into_lora_B": True} if folded else None)
     assert info["tensors"] == {"diffusers": 30, "comfy": 45, "kohya": 45}[fmt] and not info["non_finite"]
     assert set(info["targets"]) >= {"attn1.to_q", "ff.net.2", "norm1.linear"}
     for loader, (loads, scale) in expected.items():
@@ -404,6 +411,7 @@ def test_native_names_in_kohya_spelling(trained, tmp_path):
     info = cogft(["inspect", str(tmp_path / "spelled.safetensors")])
     assert info["loaders"]["comfyui_native"]["loads"] and info["loaders"]["comfyui_native"]["scale"] == ALPHA / RANK
     assert not info["loaders"]["kijai_wrapper"]["loads"]
-    back, _ = read(cogft(["convert", str(tmp_path / "spelled.safetensors"), str(tmp_path / "d"), "--to", "diffusers"]))
+    back, _ = read(cogft(["convert", str(tmp_path / "spelled.safetensors"), str(tmp_path / "d"), "--to", "diffusers",
+                          "--fold-alpha"]))
     original, _ = read(files["diffusers"])
     assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)

@@ -36,16 +36,25 @@ def transformer_inputs(family: CogVideoX):
 
 
 def test_export_writes_diffusers_keys_and_metadata(trained):
-    _, _, path = trained
+    module, _, path = trained
     assert path.name == "pytorch_lora_weights.safetensors"
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
-        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        header = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in keys}
+    meta = json.loads(header["lora_adapter_metadata"])
     assert keys and all(k.startswith("transformer.") for k in keys)
     assert any(".attn1.to_q.lora_A.weight" in k for k in keys) and any("to_out.0.lora_B" in k for k in keys)
-    # diffusers stores the adapter config per component, keys prefixed with the component name.
-    assert meta["transformer.r"] == 4 and meta["transformer.lora_alpha"] == 8
-    assert set(meta["transformer.target_modules"]) == {"to_q", "to_k", "to_v", "to_out.0"}
+    # diffusers stores the adapter config per component, keys prefixed with the component name. alpha/rank (2) is
+    # folded into lora_B and the header says alpha = rank, so every loader applies strength 1 (docs/lora-formats.md)
+    assert meta == {"transformer.r": 4, "transformer.lora_alpha": 4.0,
+                    "transformer.target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}
+    assert json.loads(header["cogft_trained"]) == {"rank": 4, "alpha": 8.0, "lora_B": "multiplied by alpha / rank"}
+    trained_b = {n: p for n, p in module.family.transformer.named_parameters() if "lora_B" in n}
+    assert len(trained_b) == sum(".lora_B." in k for k in keys)
+    for name, value in trained_b.items():
+        key = "transformer." + name.replace(".default.weight", ".weight")
+        assert torch.equal(tensors[key], value.detach() * 2), key
 
 
 def test_diffusers_reload_reproduces_training_outputs(trained, tiny_cogvideox):
@@ -63,7 +72,7 @@ def test_diffusers_reload_reproduces_training_outputs(trained, tiny_cogvideox):
         reloaded = pipe.transformer(**inputs)[0]
     assert (expected - base).abs().max() > 1e-3  # the LoRA does something
     torch.testing.assert_close(reloaded, expected, rtol=1e-5, atol=1e-5)
-    assert pipe.transformer.peft_config["trained"].lora_alpha == 8
+    assert pipe.transformer.peft_config["trained"].lora_alpha == 4  # alpha / rank is in lora_B
 
 
 def test_lora_changes_the_pipeline_output(trained, tiny_cogvideox):

@@ -181,8 +181,10 @@ def test_lora_export_round_trip_and_effect(tiny_cogview4, tmp_path):
     path = module.family.export(tmp_path, module.adapter)
     with safe_open(str(path), "pt") as f:
         assert all(k.startswith("transformer.") for k in f.keys())
-        meta = json.loads(f.metadata()["lora_adapter_metadata"])
-    assert (meta["transformer.r"], meta["transformer.lora_alpha"]) == (4, 8)  # without it diffusers loads alpha = r
+        header = f.metadata()
+    meta, trained = json.loads(header["lora_adapter_metadata"]), json.loads(header["cogft_trained"])
+    # alpha / rank folded into lora_B: any loader (with or without reading the header) applies the trained update
+    assert (meta["transformer.r"], meta["transformer.lora_alpha"], trained["alpha"]) == (4, 4, 8)
 
     base = CogView4Pipeline.from_pretrained(tiny_cogview4)
     base.set_progress_bar_config(disable=True)
