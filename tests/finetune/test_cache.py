@@ -14,10 +14,9 @@ from test_golden import recipe_losses
 
 from datamodules.demo_videos import write_demo_videos
 from datamodules.video import VideoDataModule
-from finetune.cache import EncodedCache, files_fingerprint, precompute
+from finetune.cache import EncodedCache, encoded_cache, files_fingerprint, precompute, serve_encoded
 from finetune.checkpointing import kit_version
 from finetune.family import ModelFamily
-from finetune.module import encoded_cache
 from recipes.cogvideox.family import CogVideoX
 
 
@@ -59,7 +58,7 @@ def test_precompute_writes_each_sample_once_and_a_second_pass_encodes_nothing(ti
     again = EncodeSpy(family)
     assert precompute(cache, video_data(), again) == 0 and again.calls == 0
     # what the data module yields once encoded: the cached tensors by key, in the training order, no video
-    data.use_encoded(cache.read)
+    serve_encoded(data, cache)
     batch = next(iter(data.train_dataloader()))
     assert set(batch) == {"latent_mean", "latent_logvar", "prompt_embeds", "key"}
     assert batch["latent_mean"].shape == (2, 16, 3, 4, 4)
