@@ -15,8 +15,9 @@ each of its hooks; a data module takes part only through `sample_index` (`finetu
 - `precompute`: the pass before training that writes `family.encode` of every sample the cache lacks, a batch at a
   time (one bucket each), decoded from the data module's training dataset. Resumable: entries are written as they
   are encoded and present ones are skipped, so an interrupted pass continues where it stopped.
-- `serve_encoded`: the data module's training dataset replaced by `EncodedSamples` (each sample's encodings read by
-  its key), so its loader keeps its sampler, buckets, order, sharding and workers and decodes no media.
+- `EncodedSamples`: the data module's training dataset, wrapped (`wrap_samples`): its decoded samples until the
+  cache is complete, then each sample's encodings read by its key, so the training loader keeps its sampler,
+  buckets, order, sharding and workers and decodes no media.
 
 Why the VAE posterior's moments (mean, logvar) rather than one latent: training draws a fresh latent from the posterior
 every step (`recipes.diffusion.objectives.sample_latents`), exactly as without the cache, so caching changes the speed and not
@@ -120,30 +121,50 @@ def encoded_cache(family, cache: Literal["on", "off"] | bool, cache_dir: str | N
 
 
 class EncodedSamples(Dataset):
-    """The training samples as their cached encodings: sample i is `{**cache.read(keys[i]), "key": keys[i]}`, read a
-    batch at a time (`__getitems__`) and collated by the family's processor as decoded samples are. Picklable (keys
-    and an `EncodedCache`), for loader workers under any start method."""
+    """A data module's training dataset `decoded` (in `sample_index()` order, `keys` its keys), as the training loader
+    reads it: `decoded`'s own samples until `serving`, then sample i as `{**cache.read(keys[i]), "key": keys[i]}`, read
+    a batch at a time (`__getitems__`) and collated by the family's processor as decoded samples are.
 
-    def __init__(self, keys: list[str], cache: EncodedCache):
-        self.keys, self.cache = keys, cache
+    It wraps the dataset from the data module's `setup` on, so a training loader made before the precompute pass
+    (Lightning makes one early to count the steps of `max_epochs`) reads the cache once it is served. Picklable
+    (`decoded`, keys and an `EncodedCache`), for loader workers under any start method."""
+
+    def __init__(self, decoded: Dataset, keys: list[str], cache: EncodedCache):
+        self.decoded, self.keys, self.cache = decoded, keys, cache
+        self.serving = False
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        return [{**self.cache.read(self.keys[i]), "key": self.keys[i]} for i in indices]
+        if self.serving:
+            return [{**self.cache.read(self.keys[i]), "key": self.keys[i]} for i in indices]
+        getitems = getattr(self.decoded, "__getitems__", None)  # as a loader fetches from `decoded` itself
+        return getitems(indices) if getitems else [self.decoded[i] for i in indices]
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]
 
 
-def serve_encoded(datamodule, cache: EncodedCache):
-    """From now on `datamodule`'s training loader reads the cached encodings: its training dataset (`dataset`, in
-    `sample_index()` order) is replaced by their `EncodedSamples`; the loader keeps its batch sampler (buckets, order,
-    sharding, resumable position), collate and workers. Returns the decoding dataset it replaced."""
-    decoded = datamodule.dataset
-    datamodule.dataset = EncodedSamples([key for key, _ in datamodule.sample_index()], cache)
-    return decoded
+def wrap_samples(datamodule, cache: EncodedCache) -> EncodedSamples:
+    """`datamodule.dataset` (its training dataset, after `setup`) wrapped as `EncodedSamples` of `cache`, not serving
+    yet; the data module's training loader, made over `datamodule.dataset`, reads it."""
+    decoded = decoded_samples(datamodule.dataset)
+    datamodule.dataset = EncodedSamples(decoded, [key for key, _ in datamodule.sample_index()], cache)
+    return datamodule.dataset
+
+
+def serve_encoded(datamodule, cache: EncodedCache) -> EncodedSamples:
+    """From now on `datamodule`'s training loader reads the cached encodings instead of decoding its samples (with
+    the same batch sampler, buckets, order and workers)."""
+    samples = wrap_samples(datamodule, cache)
+    samples.serving = True
+    return samples
+
+
+def decoded_samples(dataset: Dataset) -> Dataset:
+    """The data module's own (decoding) dataset, unwrapped."""
+    return dataset.decoded if isinstance(dataset, EncodedSamples) else dataset
 
 
 def precompute(cache: EncodedCache, datamodule, encode: Callable[[dict], dict], rank: int = 0, world_size: int = 1,
@@ -187,8 +208,6 @@ def encoding_loader(datamodule, indices: list[int]) -> Iterable[dict]:
     """Decoded, processed and collated batches of the training samples at `indices` (positions in
     `datamodule.sample_index()`), one bucket and at most `batch_size` samples each, loaded from its training dataset
     by `num_workers` processes as training loads them: the input of the precompute pass."""
-    if isinstance(datamodule.dataset, EncodedSamples):
-        raise RuntimeError("encoding_loader decodes samples: the data module serves cached encodings (serve_encoded)")
     index = datamodule.sample_index()
     groups: dict[Hashable, list[int]] = {}
     for i in indices:
@@ -196,7 +215,7 @@ def encoding_loader(datamodule, indices: list[int]) -> Iterable[dict]:
     size = max(1, datamodule.batch_size)
     batches = [group[start: start + size] for group in groups.values() for start in range(0, len(group), size)]
     # Its own generator: the loader's worker seed must not come from the run's global RNG.
-    return DataLoader(datamodule.dataset, batch_sampler=batches, collate_fn=datamodule.require_processor().collate,
+    return DataLoader(decoded_samples(datamodule.dataset), batch_sampler=batches, collate_fn=datamodule.require_processor().collate,
                       num_workers=datamodule.num_workers, generator=torch.Generator())
 
 
@@ -207,10 +226,11 @@ class EncodeOnce:
 
     - `setup` (before the strategy moves, wraps or shards the module): a fit encodes once when the cache is on, the
       family has a `cache_namespace` and the data module indexes its samples (`sample_index`); then the family's
-      `encoders()` leave the module tree (parked on the CPU, still attributes of the family by the same name).
+      `encoders()` leave the module tree (parked on the CPU, still attributes of the family by the same name) and
+      the data module's training dataset is wrapped (`EncodedSamples`).
     - `on_fit_start` (the module on its device, the processes connected, before any batch is loaded): the precompute
       pass (each rank its share, the encoders on this rank's device, in the training precision, the parameters whole
-      under FSDP/ZeRO-3, the run's random state untouched), then the data module serves the cached encodings.
+      under FSDP/ZeRO-3, the run's random state untouched), then the training loader reads the cached encodings.
     - `encode(batch)`: what the training step trains on: the batch itself when it was read from the cache, else the
       family's encodings of it (`module.cache=off`, CogVLM, a data module without `sample_index`).
     - `encoders_on_device(device)`: the parked encoders on the device while they run (validation samples).
@@ -223,12 +243,13 @@ class EncodeOnce:
         self.active = False  # decided in `setup`: this fit encodes once
         self.serving = False  # the training batches are the cached encodings (`on_fit_start`)
         self.parked: dict[str, torch.nn.Module] = {}  # the family's encoders, kept out of the module tree
-        self._served: tuple | None = None  # (data module, its decoding dataset) while serving
+        self._wrapped: tuple | None = None  # (data module, its `EncodedSamples`) during a fit that encodes once
 
     def setup(self, trainer, stage: str) -> None:
         self.active = stage == "fit" and self.store is not None and _indexed(trainer.datamodule)
         if self.active:
             self._park(self.family.encoders())
+            self._wrapped = (trainer.datamodule, wrap_samples(trainer.datamodule, self.store))
 
     def on_fit_start(self, module) -> None:
         if not self.active:
@@ -238,8 +259,7 @@ class EncodeOnce:
         from finetune.callbacks import full_parameters
         from finetune.strategies import forward_is_collective
 
-        trainer, datamodule = module.trainer, module.trainer.datamodule
-        self._restore()
+        trainer, (datamodule, samples) = module.trainer, self._wrapped
 
         def encode(batch: dict) -> dict:
             return self.family.encode(move_data_to_device(batch, module.device))
@@ -252,8 +272,7 @@ class EncodeOnce:
               trainer.precision_plugin.forward_context()):
             precompute(self.store, datamodule, encode, rank=trainer.global_rank, world_size=trainer.world_size,
                        barrier=trainer.strategy.barrier, progress=trainer.is_global_zero)
-        self._served = (datamodule, serve_encoded(datamodule, self.store))
-        self.serving = True
+        samples.serving = self.serving = True
 
     def encode(self, batch: dict) -> dict:
         return batch if self.serving else self.family.encode(batch)
@@ -273,17 +292,14 @@ class EncodeOnce:
                 torch.cuda.empty_cache()
 
     def teardown(self) -> None:
-        self._restore()
+        if self._wrapped is not None:  # the data module's own dataset back
+            datamodule, samples = self._wrapped
+            datamodule.dataset = samples.decoded
+        self._wrapped, self.serving = None, False
         for name, child in self.parked.items():
             del self.family.__dict__[name]
             self.family._modules[name] = child
         self.parked = {}
-
-    def _restore(self) -> None:
-        if self._served is not None:
-            datamodule, decoded = self._served
-            datamodule.dataset = decoded
-        self._served, self.serving = None, False
 
     def _park(self, encoders: list[torch.nn.Module]) -> None:
         """The family's encoders out of the module tree, on the CPU: the strategy never moves, wraps or shards them.

@@ -75,8 +75,8 @@ class FamilyDataModule(L.LightningDataModule):
     Encode once (`finetune.cache.EncodeOnce`): a data module that implements `sample_index` (and sets
     `self.dataset`, its training dataset in that order, in `setup`, and builds its training loader over
     `self.dataset` when `train_dataloader` is called) has every sample encoded once before training; for the fit the
-    engine then puts the cached encodings in place of `self.dataset` (`finetune.cache.serve_encoded`), so the loader
-    reads them instead of decoding media. Without it (the default) every batch is decoded and encoded each step."""
+    engine wraps `self.dataset` after `setup` (`finetune.cache.EncodedSamples`), so that the loader reads the cached
+    encodings instead of decoding media. Without it (the default) every batch is decoded and encoded each step."""
 
     #: the spec class this data module needs from the family (None: any)
     spec_type: type | None = None
