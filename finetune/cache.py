@@ -215,8 +215,9 @@ def encoding_loader(datamodule, indices: list[int]) -> Iterable[dict]:
     size = max(1, datamodule.batch_size)
     batches = [group[start: start + size] for group in groups.values() for start in range(0, len(group), size)]
     # Its own generator: the loader's worker seed must not come from the run's global RNG.
-    return DataLoader(decoded_samples(datamodule.dataset), batch_sampler=batches, collate_fn=datamodule.require_processor().collate,
-                      num_workers=datamodule.num_workers, generator=torch.Generator())
+    return DataLoader(decoded_samples(datamodule.dataset), batch_sampler=batches,
+                      collate_fn=datamodule.require_processor().collate, num_workers=datamodule.num_workers,
+                      generator=torch.Generator())
 
 
 class EncodeOnce:
