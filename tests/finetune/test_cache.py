@@ -181,3 +181,22 @@ def test_training_from_the_cache_decodes_nothing_runs_no_encoder_and_keeps_the_l
     warm = recipe_losses("cogvideox_lora", tmp_path / "warm", *settings, "trainer.max_epochs=1",
                          "+callbacks.parked._target_=test_cache.EncodersParked", steps=3)
     torch.testing.assert_close(torch.tensor(warm), torch.tensor(off), rtol=1e-5, atol=1e-6)
+
+
+def test_encode_once_parks_the_encoders_and_wraps_the_dataset_for_a_fit_only(tiny_cogvideox, tmp_path):
+    from types import SimpleNamespace
+
+    from finetune.cache import EncodedSamples, EncodeOnce
+
+    family, data = tiny_family(), video_data()
+    decoded = data.dataset
+    component = EncodeOnce(family, "on", str(tmp_path))
+    component.setup(SimpleNamespace(datamodule=data), "validate")
+    assert not component.active and data.dataset is decoded and "vae" in dict(family.named_children())
+    component.setup(SimpleNamespace(datamodule=data), "fit")
+    assert component.active and isinstance(data.dataset, EncodedSamples) and data.dataset.decoded is decoded
+    assert {"vae", "text_encoder"}.isdisjoint(dict(family.named_children())) and family.vae.device.type == "cpu"
+    batch = fixed_batch()
+    assert set(component.encode(batch)) == set(family.encode(batch))  # not serving yet: the encoders run
+    component.teardown()
+    assert data.dataset is decoded and {"vae", "text_encoder"} <= set(dict(family.named_children()))
