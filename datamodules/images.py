@@ -32,7 +32,7 @@ from datamodules.hf_datasets import load_split
 from datamodules.sample_checks import BadSamples, CheckedFiles, OnBadSample, check_all
 from datamodules.table import TableDataset
 from datamodules.textfiles import DataError, decode_utf8_lines
-from finetune.data import FamilyDataModule, ImageSpec, encoded_batch
+from finetune.data import FamilyDataModule, ImageSpec
 from finetune.hub import cache_root
 
 CAPTION_COLUMNS = ("text", "prompt", "caption")
@@ -193,7 +193,6 @@ class ImageDataModule(FamilyDataModule):
         self.batch_size, self.num_workers, self.seed, self.drop_last = batch_size, num_workers, seed, drop_last
         self.demo_count = demo_count
         self.table: dict | None = None
-        self.transform: ImageSamples | None = None  # the training dataset's (`setup`)
 
     # -- sources --------------------------------------------------------------------------------
     def _folder(self) -> Path | None:
@@ -296,20 +295,14 @@ class ImageDataModule(FamilyDataModule):
         images = table["images"]
         columns = {"prompt": table["prompt"], "key": table["key"], "height": [h for h, _ in table["bucket"]],
                    "width": [w for _, w in table["bucket"]]}
-        self.transform = ImageSamples(self.require_processor())
-        self.transform.encoded_reader = self.encoded_reader
+        transform = ImageSamples(self.require_processor())
         if isinstance(images, list):  # file paths: a plain table (no `datasets` import, no Arrow copy)
-            self.dataset = TableDataset({"image": images, **columns}, self.transform)
+            self.dataset = TableDataset({"image": images, **columns}, transform)
             return
         ds = images  # the source dataset's image column: embedded images stay in Arrow, on disk
         for name, values in columns.items():
             ds = ds.add_column(name, values)
-        self.dataset = ds.with_transform(self.transform)
-
-    def use_encoded(self, reader) -> None:
-        super().use_encoded(reader)
-        if self.transform is not None:
-            self.transform.encoded_reader = reader
+        self.dataset = ds.with_transform(transform)
 
     def sample_index(self) -> list[tuple[str, tuple]]:
         table = self.check()
@@ -332,18 +325,14 @@ class ImageDataModule(FamilyDataModule):
 
 class ImageSamples:
     """The training dataset's transform: a batch of image rows -> processed samples, decoded (resized and cropped to
-    the row's bucket) or, once `encoded_reader` is set (`ImageDataModule.use_encoded`), their cached encodings read
-    by key. An object holding only what it needs rather than a bound method of the data module: `datasets`
+    the row's bucket). An object holding only what it needs rather than a bound method of the data module: `datasets`
     fingerprints a transform by pickling it, and loaders pickle their dataset into spawned workers; a bound method
     would take the data module with it and, once Lightning attached it, the trainer and the model."""
 
     def __init__(self, processor):
         self.processor = processor
-        self.encoded_reader = None
 
     def __call__(self, batch: dict) -> dict:
-        if self.encoded_reader is not None:
-            return encoded_batch(self.encoded_reader, batch["key"])
         samples = []
         for source, height, width, prompt, key in zip(batch["image"], batch["height"], batch["width"],
                                                       batch["prompt"], batch["key"]):

@@ -12,8 +12,8 @@ centre-cropped, then scaled to [-1, 1]. A batch holds one bucket only. For image
 (`spec.conditioning_image`) a sample also has `image`: the file the data names for the clip, resized and
 cropped the same way, else the clip's first sampled frame. Samples: `video` [F, 3, H, W], `prompt`, `key`
 (the encoded-cache key: the file, caption, bucket, conditioning image and preprocessing), and `image` [3, H, W].
-Once the engine has encoded every sample (`finetune.cache`), the training samples are the cached encodings instead,
-read by key: no video is decoded during training.
+Once the engine has encoded every sample (`finetune.cache`), it serves the cached encodings in place of the training
+dataset, read by key: no video is decoded during training.
 
 `check()` runs before the model loads and decodes, for every clip, the frames the run will use (in a thread
 pool, with a progress bar for many clips), so a truncated or corrupt file, a missing or undecodable image, an
@@ -40,7 +40,7 @@ from datamodules.sample_checks import CheckedFiles
 from datamodules.table import TableDataset
 from datamodules.video_sources import (ClipRow, EmbeddedFile, has_list_layout, has_metadata, read_dataset,
                                        read_list_layout, read_metadata_layout)
-from finetune.data import FamilyDataModule, VideoSpec, encoded_batch
+from finetune.data import FamilyDataModule, VideoSpec
 from finetune.hub import cache_root
 
 PROGRESS_FROM = 32  # clips: fewer are checked without a progress bar
@@ -146,7 +146,6 @@ class VideoDataModule(FamilyDataModule):
         self.recheck_files = recheck_files
         self.records: list[dict] | None = None
         self.embedded: dict[str, object] = {}  # column datasets of embedded videos/images, by "video"/"image"
-        self.transform: ClipSamples | None = None  # the training dataset's (`setup`)
 
     def dataset_root(self) -> Path:
         if self.root == "demo":
@@ -291,14 +290,7 @@ class VideoDataModule(FamilyDataModule):
         table = {name: [r[name] for r in records]
                  for name in ("video", "video_row", "image", "image_row", "frames", "prompt", "key")}
         table["bucket"] = [list(r["bucket"]) for r in records]
-        self.transform = ClipSamples(self.require_processor(), self.embedded)
-        self.transform.encoded_reader = self.encoded_reader
-        self.dataset = TableDataset(table, self.transform)
-
-    def use_encoded(self, reader) -> None:
-        super().use_encoded(reader)
-        if self.transform is not None:
-            self.transform.encoded_reader = reader
+        self.dataset = TableDataset(table, ClipSamples(self.require_processor(), self.embedded))
 
     def sample_index(self) -> list[tuple[str, tuple]]:
         return [(r["key"], tuple(r["bucket"])) for r in self.check()]
@@ -333,18 +325,14 @@ class VideoDataModule(FamilyDataModule):
 
 class ClipSamples:
     """The training dataset's transform: a batch of clip rows -> processed samples, decoded (frames sampled, resized
-    and cropped, the conditioning image) or, once `encoded_reader` is set (`VideoDataModule.use_encoded`), their
-    cached encodings read by key. An object holding only what it needs rather than a bound method of the data
+    and cropped, the conditioning image). An object holding only what it needs rather than a bound method of the data
     module: a loader pickles its dataset into each worker process under the spawn and forkserver start methods, and
     a bound method would take the data module with it and, once Lightning attached it, the trainer and the model."""
 
     def __init__(self, processor, embedded: dict):
         self.processor, self.embedded = processor, embedded
-        self.encoded_reader = None
 
     def __call__(self, batch: dict) -> dict:
-        if self.encoded_reader is not None:
-            return encoded_batch(self.encoded_reader, batch["key"])
         return self._decode(batch)
 
     def _media(self, kind: str, path: str | None, row: int):

@@ -1,15 +1,23 @@
-"""Encode once: what the frozen encoders make of every training sample, on disk, read by training instead.
+"""Encode once (`module.cache=on`): what the frozen encoders make of every training sample, on disk, read by training
+instead. `EncodeOnce` is the whole feature as one component, which `finetune.module.FinetuneModule` calls once from
+each of its hooks; a data module takes part only through `sample_index` (`finetune.data.FamilyDataModule`).
 
+- `EncodeOnce`: decides whether a run encodes once (the cache is on, the family has a `cache_namespace`, the data
+  module indexes its samples), parks the family's encoders out of the module tree, runs the precompute pass, serves
+  the cached encodings to the training loader and brings the encoders to the device where they run meanwhile.
 - `EncodedCache`: one safetensors file per sample, `<directory>/<digest(namespace)>/<digest(key)>.safetensors`. The
   namespace is everything the encodings depend on besides the sample -- the family's `cache_namespace()` (model path
   and the encoders' files, dtype, sizes, text length, VAE tiling) and the kit's version (added by
-  `finetune.module.FinetuneModule`); the key is the data module's sample key (the file by path, size and mtime or by
+  `encoded_cache`); the key is the data module's sample key (the file by path, size and mtime or by
   its bytes' hash, the bucket, the caption's hash, the conditioning image, the preprocessing). A change to any of them
   gives another file name, so it re-encodes exactly the samples it affects and a stale entry is never read: no one
   deletes a cache folder by hand (entries no run uses any more stay on disk; remove the folder to reclaim the space).
 - `precompute`: the pass before training that writes `family.encode` of every sample the cache lacks, a batch at a
-  time (one bucket each), decoded by the data module's loader. Resumable: entries are written as they are encoded
-  and present ones are skipped, so an interrupted pass continues where it stopped.
+  time (one bucket each), decoded from the data module's training dataset. Resumable: entries are written as they
+  are encoded and present ones are skipped, so an interrupted pass continues where it stopped.
+- `EncodedSamples`: the data module's training dataset, wrapped (`wrap_samples`): its decoded samples until the
+  cache is complete, then each sample's encodings read by its key, so the training loader keeps its sampler,
+  buckets, order, sharding and workers and decodes no media.
 
 Why the VAE posterior's moments (mean, logvar) rather than one latent: training draws a fresh latent from the posterior
 every step (`recipes.diffusion.objectives.sample_latents`), exactly as without the cache, so caching changes the speed and not
@@ -19,14 +27,20 @@ of T5 embeddings per sample, `bench/encode_cache.py`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Hashable, Iterable, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+
+from finetune.atomic import atomic_path
+from finetune.checkpointing import kit_version
+from finetune.hub import cache_root, global_rng_untouched
 
 
 def _digest(text: str) -> str:
@@ -52,7 +66,7 @@ def files_fingerprint(directory: str | os.PathLike | None, parts: Iterable[str] 
 class EncodedCache:
     """Per-sample encodings in `directory`, under the namespace's own folder (see the module docstring).
 
-    Small and picklable (a path and a string): its `read` is what a data module's transform calls in loader workers.
+    Small and picklable (a path and a string): `EncodedSamples` reads it in loader workers.
     """
 
     def __init__(self, directory: str | os.PathLike, namespace: str):
@@ -81,26 +95,76 @@ class EncodedCache:
                 f"(or train with module.cache=off).") from None
 
     def write(self, keys: list[str], encoded: dict[str, torch.Tensor]) -> None:
-        """Sample i of the batch `encoded` (per-sample tensors, batch first) as the entry of `keys[i]`."""
+        """Sample i of the batch `encoded` (per-sample tensors, batch first) as the entry of `keys[i]`. Each file is
+        written under a private name and renamed (`finetune.atomic.atomic_path`): a crash never leaves a truncated
+        entry, and processes sharing the cache (DDP ranks, concurrent runs) never write into each other's files."""
         self.directory.mkdir(parents=True, exist_ok=True)
         label = self.directory / "namespace.txt"  # what this folder holds, for whoever looks at the disk
         if not label.exists():
-            _write_atomically(label, lambda tmp: Path(tmp).write_text(self.namespace + "\n", encoding="utf-8"))
+            with atomic_path(label) as tmp:
+                tmp.write_text(self.namespace + "\n", encoding="utf-8")
         for i, key in enumerate(keys):
             sample = {name: value[i].detach().to("cpu").contiguous() for name, value in encoded.items()}
-            _write_atomically(self.path(key), lambda tmp: save_file(sample, tmp, metadata={"key": key}))
+            with atomic_path(self.path(key)) as tmp:
+                save_file(sample, str(tmp), metadata={"key": key})
 
 
-def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """A private temporary name, then an atomic rename: a crash never leaves a truncated entry, and processes sharing
-    the cache (DDP ranks, concurrent runs) never write into each other's files."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def encoded_cache(family, cache: Literal["on", "off"] | bool, cache_dir: str | None) -> EncodedCache | None:
+    """Where a run's encodings are kept (`module.cache`, `module.cache_dir`); None when every step encodes."""
+    if cache not in ("on", "off", True, False):
+        raise ValueError(f"module.cache={cache!r}: use on (encode every sample once, then train from the cache) or off")
+    namespace = family.cache_namespace()
+    if cache in ("off", False) or namespace is None:
+        return None
+    directory = Path(cache_dir).expanduser() if cache_dir else cache_root() / "encoded"
+    return EncodedCache(directory, f"{namespace}|kit={kit_version()}")
+
+
+class EncodedSamples(Dataset):
+    """A data module's training dataset `decoded` (in `sample_index()` order, `keys` its keys), as the training loader
+    reads it: `decoded`'s own samples until `serving`, then sample i as `{**cache.read(keys[i]), "key": keys[i]}`, read
+    a batch at a time (`__getitems__`) and collated by the family's processor as decoded samples are.
+
+    It wraps the dataset from the data module's `setup` on, so a training loader made before the precompute pass
+    (Lightning makes one early to count the steps of `max_epochs`) reads the cache once it is served. Picklable
+    (`decoded`, keys and an `EncodedCache`), for loader workers under any start method."""
+
+    def __init__(self, decoded: Dataset, keys: list[str], cache: EncodedCache):
+        self.decoded, self.keys, self.cache = decoded, keys, cache
+        self.serving = False
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        if self.serving:
+            return [{**self.cache.read(self.keys[i]), "key": self.keys[i]} for i in indices]
+        getitems = getattr(self.decoded, "__getitems__", None)  # as a loader fetches from `decoded` itself
+        return getitems(indices) if getitems else [self.decoded[i] for i in indices]
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+
+def wrap_samples(datamodule, cache: EncodedCache) -> EncodedSamples:
+    """`datamodule.dataset` (its training dataset, after `setup`) wrapped as `EncodedSamples` of `cache`, not serving
+    yet; the data module's training loader, made over `datamodule.dataset`, reads it."""
+    decoded = decoded_samples(datamodule.dataset)
+    datamodule.dataset = EncodedSamples(decoded, [key for key, _ in datamodule.sample_index()], cache)
+    return datamodule.dataset
+
+
+def serve_encoded(datamodule, cache: EncodedCache) -> EncodedSamples:
+    """From now on `datamodule`'s training loader reads the cached encodings instead of decoding its samples (with
+    the same batch sampler, buckets, order and workers)."""
+    samples = wrap_samples(datamodule, cache)
+    samples.serving = True
+    return samples
+
+
+def decoded_samples(dataset: Dataset) -> Dataset:
+    """The data module's own (decoding) dataset, unwrapped."""
+    return dataset.decoded if isinstance(dataset, EncodedSamples) else dataset
 
 
 def precompute(cache: EncodedCache, datamodule, encode: Callable[[dict], dict], rank: int = 0, world_size: int = 1,
@@ -132,9 +196,126 @@ def _encode(cache: EncodedCache, datamodule, encode, indices: list[int], progres
     done = 0
     with tqdm(total=len(indices), desc="encoding (VAE, text encoder) once", unit="sample",
               disable=not progress) as bar:
-        for batch in datamodule.encoding_loader(indices):
+        for batch in encoding_loader(datamodule, indices):
             batch_keys = list(batch["key"])
             cache.write(batch_keys, encode(batch))
             done += len(batch_keys)
             bar.update(len(batch_keys))
     return done
+
+
+def encoding_loader(datamodule, indices: list[int]) -> Iterable[dict]:
+    """Decoded, processed and collated batches of the training samples at `indices` (positions in
+    `datamodule.sample_index()`), one bucket and at most `batch_size` samples each, loaded from its training dataset
+    by `num_workers` processes as training loads them: the input of the precompute pass."""
+    index = datamodule.sample_index()
+    groups: dict[Hashable, list[int]] = {}
+    for i in indices:
+        groups.setdefault(index[i][1], []).append(i)
+    size = max(1, datamodule.batch_size)
+    batches = [group[start: start + size] for group in groups.values() for start in range(0, len(group), size)]
+    # Its own generator: the loader's worker seed must not come from the run's global RNG.
+    return DataLoader(decoded_samples(datamodule.dataset), batch_sampler=batches,
+                      collate_fn=datamodule.require_processor().collate, num_workers=datamodule.num_workers,
+                      generator=torch.Generator())
+
+
+class EncodeOnce:
+    """Encode once, as one component: `FinetuneModule` builds it from `module.cache` and `module.cache_dir` and calls
+    it once from each hook (`setup`, `on_fit_start`, `teardown`, the training step's `encode`,
+    `encoders_on_device`).
+
+    - `setup` (before the strategy moves, wraps or shards the module): a fit encodes once when the cache is on, the
+      family has a `cache_namespace` and the data module indexes its samples (`sample_index`); then the family's
+      `encoders()` leave the module tree (parked on the CPU, still attributes of the family by the same name) and
+      the data module's training dataset is wrapped (`EncodedSamples`).
+    - `on_fit_start` (the module on its device, the processes connected, before any batch is loaded): the precompute
+      pass (each rank its share, the encoders on this rank's device, in the training precision, the parameters whole
+      under FSDP/ZeRO-3, the run's random state untouched), then the training loader reads the cached encodings.
+    - `encode(batch)`: what the training step trains on: the batch itself when it was read from the cache, else the
+      family's encodings of it (`module.cache=off`, CogVLM, a data module without `sample_index`).
+    - `encoders_on_device(device)`: the parked encoders on the device while they run (validation samples).
+    - `teardown`: the encoders back in the module tree, the data module's decoding dataset back.
+    """
+
+    def __init__(self, family, cache: Literal["on", "off"] | bool = "on", cache_dir: str | None = None):
+        self.family = family
+        self.store = encoded_cache(family, cache, cache_dir)  # None: every step encodes
+        self.active = False  # decided in `setup`: this fit encodes once
+        self.serving = False  # the training batches are the cached encodings (`on_fit_start`)
+        self.parked: dict[str, torch.nn.Module] = {}  # the family's encoders, kept out of the module tree
+        self._wrapped: tuple | None = None  # (data module, its `EncodedSamples`) during a fit that encodes once
+
+    def setup(self, trainer, stage: str) -> None:
+        self.active = stage == "fit" and self.store is not None and _indexed(trainer.datamodule)
+        if self.active:
+            self._park(self.family.encoders())
+            self._wrapped = (trainer.datamodule, wrap_samples(trainer.datamodule, self.store))
+
+    def on_fit_start(self, module) -> None:
+        if not self.active:
+            return
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        from finetune.callbacks import full_parameters
+        from finetune.strategies import forward_is_collective
+
+        trainer, (datamodule, samples) = module.trainer, self._wrapped
+
+        def encode(batch: dict) -> dict:
+            return self.family.encode(move_data_to_device(batch, module.device))
+
+        # whole parameters under FSDP/ZeRO-3 (an image-to-video VAE stays in the sharded module tree); FSDP2 shards
+        # only the trainable network, which encoding does not run
+        collective = forward_is_collective(trainer.strategy)
+        whole = contextlib.nullcontext() if collective else full_parameters(trainer, module)
+        with (whole, self.encoders_on_device(module.device), global_rng_untouched(),
+              trainer.precision_plugin.forward_context()):
+            precompute(self.store, datamodule, encode, rank=trainer.global_rank, world_size=trainer.world_size,
+                       barrier=trainer.strategy.barrier, progress=trainer.is_global_zero)
+        samples.serving = self.serving = True
+
+    def encode(self, batch: dict) -> dict:
+        return batch if self.serving else self.family.encode(batch)
+
+    @contextlib.contextmanager
+    def encoders_on_device(self, device: torch.device):
+        """The parked encoders on `device` while they run (the precompute pass, validation samples), back on the
+        CPU afterwards."""
+        for encoder in self.parked.values():
+            encoder.to(device)
+        try:
+            yield
+        finally:
+            for encoder in self.parked.values():
+                encoder.to("cpu")
+            if device.type == "cuda" and self.parked:
+                torch.cuda.empty_cache()
+
+    def teardown(self) -> None:
+        if self._wrapped is not None:  # the data module's own dataset back
+            datamodule, samples = self._wrapped
+            datamodule.dataset = samples.decoded
+        self._wrapped, self.serving = None, False
+        for name, child in self.parked.items():
+            del self.family.__dict__[name]
+            self.family._modules[name] = child
+        self.parked = {}
+
+    def _park(self, encoders: list[torch.nn.Module]) -> None:
+        """The family's encoders out of the module tree, on the CPU: the strategy never moves, wraps or shards them.
+        They stay attributes of the family (and of its pipeline), by the same name."""
+        for name, child in list(self.family._modules.items()):
+            if any(child is encoder for encoder in encoders):
+                del self.family._modules[name]
+                object.__setattr__(self.family, name, child.to("cpu"))
+                self.parked[name] = child
+
+
+def _indexed(datamodule) -> bool:
+    if datamodule is not None and getattr(datamodule, "sample_index", lambda: None)() is not None:
+        return True
+    what = type(datamodule).__name__ if datamodule is not None else "a dataloader without a data module"
+    rank_zero_info(f"module.cache=on: {what} does not index its samples (sample_index); every batch is decoded "
+                   f"and encoded each step.")
+    return False

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from finetune.atomic import atomic_path
 from finetune.family import GenerationRequest
 from finetune.guards import TrainingFailed
 from finetune.loggers import log_metrics
@@ -167,19 +168,15 @@ class ExportAdapter(L.Callback):
                 check_finite(module, trainer.global_step)
                 # Written into a private folder next to the destination, then moved into place entry by entry:
                 # a crash or a full disk leaves the previous export whole, and a reader never sees half of one.
-                staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-                shutil.rmtree(staging, ignore_errors=True)
-                staging.mkdir(parents=True)
                 try:
-                    path = module.family.export(staging, module.adapter)
-                    extra = [module.family.export_format(staging, module.adapter, fmt) for fmt in self.formats
-                             if fmt not in module.family.export_formats[:1]]
-                    publish(staging, directory)
+                    with atomic_path(directory, replace=publish) as staging:
+                        staging.mkdir(parents=True)
+                        path = module.family.export(staging, module.adapter)
+                        extra = [module.family.export_format(staging, module.adapter, fmt) for fmt in self.formats
+                                 if fmt not in module.family.export_formats[:1]]
                 except OSError as err:
                     raise OSError(err.errno, f"could not write the export {directory} ({err.strerror or err}); the "
                                              f"previous export, if any, is kept.") from None
-                finally:
-                    shutil.rmtree(staging, ignore_errors=True)
                 path = directory / Path(path).relative_to(staging)
                 self.written.append(path)
                 rank_zero_info(f"exported {type(module.adapter).__name__} to {path}")

@@ -14,6 +14,7 @@ from lightning.fabric.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
+from finetune.atomic import atomic_path
 from finetune.guards import TrainingFailed
 
 
@@ -87,16 +88,14 @@ class CheckpointError(RuntimeError):
 
 
 def write_atomically(path: Path, write, what: str = "file") -> None:
-    """`write(binary file)` into `path` via a temporary file in the same folder, fsynced and renamed."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """`write(binary file)` into `path` via a temporary file in the same folder (`finetune.atomic.atomic_path`),
+    fsynced and renamed."""
     try:
-        with tmp.open("wb") as f:
+        with atomic_path(path) as tmp, tmp.open("wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         kept = "the previous one is kept" if path.exists() else "nothing was written"
         raise OSError(err.errno, f"could not write the {what} {path} ({err.strerror or err}); {kept}. Free disk "
                                  f"space or fix the folder's permissions, then resume.") from None

@@ -10,7 +10,7 @@ prompt templates, how samples stack into a batch -- belongs to the family, which
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Hashable
 
 import lightning as L
 import torch
@@ -68,28 +68,20 @@ class Processor:
         return batch
 
 
-def encoded_batch(reader: Callable[[str], dict], keys: list[str]) -> dict:
-    """What a training transform returns for samples whose encodings are cached: the columns of
-    `{**reader(key), "key": key}`, one per sample (collated by the processor as decoded samples are)."""
-    samples = [{**reader(key), "key": key} for key in keys]
-    return {name: [s[name] for s in samples] for name in samples[0]}
-
-
 class FamilyDataModule(L.LightningDataModule):
     """Base of the kit's data modules: `connect` receives the family's processor (before `check`, which
     validates the data against it before the model loads).
 
-    Encode once (`finetune.cache`): a data module that implements `sample_index` (and sets `self.dataset`, its
-    training dataset, in `setup`, with a transform that returns `encoded_batch(self.encoded_reader, keys)` once
-    `use_encoded` gave it a reader) has every sample encoded once before training and then yields the cached
+    Encode once (`finetune.cache.EncodeOnce`): a data module that implements `sample_index` (and sets
+    `self.dataset`, its training dataset in that order, in `setup`, and builds its training loader over
+    `self.dataset` when `train_dataloader` is called) has every sample encoded once before training; for the fit the
+    engine wraps `self.dataset` after `setup` (`finetune.cache.EncodedSamples`), so that the loader reads the cached
     encodings instead of decoding media. Without it (the default) every batch is decoded and encoded each step."""
 
     #: the spec class this data module needs from the family (None: any)
     spec_type: type | None = None
 
     processor: Processor | None = None
-    #: set by `use_encoded`: the training transform reads each sample's encodings by its key instead of decoding it
-    encoded_reader: Callable[[str], dict] | None = None
     batch_size: int = 1
     num_workers: int = 0
 
@@ -123,26 +115,3 @@ class FamilyDataModule(L.LightningDataModule):
         device = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
         on_gpu = device is not None and device.type == "cuda"
         return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0, "pin_memory": on_gpu}
-
-    def use_encoded(self, reader: Callable[[str], dict] | None) -> None:
-        """From now on the training dataset yields `{**reader(key), "key": key}` for each sample (with the same
-        sampler, buckets and order) and decodes no media; None decodes again."""
-        self.encoded_reader = reader
-
-    def encoding_loader(self, indices: list[int]) -> Iterable[dict]:
-        """Decoded, processed and collated batches of the training samples at `indices` (positions in
-        `sample_index()`), one bucket and at most `batch_size` samples each, loaded by `num_workers` processes as
-        training loads them: the input of the precompute pass (`finetune.cache.precompute`), before `use_encoded`."""
-        from torch.utils.data import DataLoader
-
-        if self.encoded_reader is not None:
-            raise RuntimeError("encoding_loader decodes samples: call use_encoded(None) before it")
-        index = self.sample_index()
-        groups: dict[Hashable, list[int]] = {}
-        for i in indices:
-            groups.setdefault(index[i][1], []).append(i)
-        size = max(1, self.batch_size)
-        batches = [group[start: start + size] for group in groups.values() for start in range(0, len(group), size)]
-        # Its own generator: the loader's worker seed must not come from the run's global RNG.
-        return DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.require_processor().collate,
-                          num_workers=self.num_workers, generator=torch.Generator())

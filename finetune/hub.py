@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+
+from finetune.atomic import atomic_path
 
 
 def cache_root() -> Path:
@@ -59,19 +60,19 @@ def global_rng_untouched():
 
 
 def build_atomically(target: Path, build: Callable[[Path], None]) -> None:
-    """Build into a private folder and rename it into place: a crash never leaves a half-written model,
-    and ranks that build at the same time (torchrun) never see each other's partial files. The global random
-    state is left as it was."""
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    with global_rng_untouched():
+    """Build into a private folder and rename it into place (`finetune.atomic.atomic_path`): a crash never leaves a
+    half-written model, and ranks that build at the same time (torchrun) never see each other's partial files; the
+    first to finish wins and the others' copies are removed. The global random state is left as it was."""
+    with atomic_path(target, replace=_unless_built) as partial, global_rng_untouched():
         build(partial)
+
+
+def _unless_built(partial: Path, target: Path) -> None:
     try:
         partial.rename(target)
-    except OSError:  # another process finished first: keep its copy
+    except OSError:  # another process finished first: keep its copy (atomic_path removes this one)
         if not target.exists():
             raise
-        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _how_to(family: str, repo: str) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
 from typing import Callable, Literal
 
 import lightning as L
@@ -12,11 +10,10 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from finetune import rng
 from finetune.adapters import Full, LoRA
-from finetune.cache import EncodedCache, precompute
-from finetune.checkpointing import CheckpointError, identity_differences, kit_version
+from finetune.cache import EncodeOnce
+from finetune.checkpointing import CheckpointError, identity_differences
 from finetune.family import ModelFamily
 from finetune.guards import TrainingFailed
-from finetune.hub import cache_root, global_rng_untouched
 from finetune.loggers import RunningMean, is_logging_step, log_metrics
 
 
@@ -31,8 +28,9 @@ class FinetuneModule(L.LightningModule):
         enable_gradient_checkpointing: recompute activations in backward: less memory, ~30% slower.
         cache: `on`: before training, encode every sample once (the family's `encode`: VAE posterior, text
             embeddings) into `cache_dir`, then train on the cached encodings with the encoders off the accelerator
-            (`finetune.cache`); `off`: decode and encode every batch each step. Families without a `cache_namespace`
-            (no frozen encoder, e.g. CogVLM) and data modules without a `sample_index` always do the latter.
+            (`finetune.cache.EncodeOnce`); `off`: decode and encode every batch each step. Families without a
+            `cache_namespace` (no frozen encoder, e.g. CogVLM) and data modules without a `sample_index` always do
+            the latter.
         cache_dir: where the encodings are kept; None: `<kit cache root>/encoded` ($COGFT_CACHE, by default
             ~/.cache/cog-finetune). Runs share it: entries are keyed by everything they depend on.
         seed: the run's seed; with several processes each rank draws from its own stream derived from it
@@ -64,10 +62,7 @@ class FinetuneModule(L.LightningModule):
         adapter.apply(family.trainable_module(), family.lora_target_modules)
         if enable_gradient_checkpointing:
             family.enable_gradient_checkpointing()
-        self.cache = encoded_cache(family, cache, cache_dir)
-        self.encodes_once = False  # decided in `setup`: the cache is on and the data module indexes its samples
-        self.reads_encoded = False  # True once the data module yields cached encodings (`on_fit_start`)
-        self.parked: dict[str, torch.nn.Module] = {}  # the family's encoders, kept out of the module tree
+        self.cache = EncodeOnce(family, cache, cache_dir)  # encode once: called once from each hook below
         # Checkpoints hold only trainable weights; the frozen base comes from model.path again.
         self.strict_loading = False
         #: what this run trains (recipe, model, adapter, kit version: `finetune.checkpointing.run_identity`)
@@ -85,20 +80,16 @@ class FinetuneModule(L.LightningModule):
         names = {name for name, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
 
-    # -- encode once (finetune/cache.py) ----------------------------------------------------------
     def setup(self, stage: str) -> None:
         # The processes are connected and Lightning has seeded them all alike: each rank takes its own stream.
         if self.trainer.world_size > 1 and self.seed is not None:
             rng.seed_rank(self.seed, self.trainer.global_rank)
         # Before the strategy moves (wraps, shards) the module: the encoders only the precompute pass needs leave it.
-        self.encodes_once = stage == "fit" and self.cache is not None and self._indexed(self.trainer.datamodule)
-        if self.encodes_once:
-            self._park(self.family.encoders())
+        self.cache.setup(self.trainer, stage)
 
     def on_fit_start(self) -> None:
         # After the strategy set up (the module on its device, the processes connected), before any batch is loaded.
-        if self.encodes_once:
-            self.encode_once(self.trainer.datamodule)
+        self.cache.on_fit_start(self)
         if self.blocks_to_swap and self.block_swap is None:
             from finetune.memory import swap_blocks
             from finetune.strategies import parameters_sharded
@@ -109,7 +100,7 @@ class FinetuneModule(L.LightningModule):
             self.block_swap = swap_blocks(self.family, self.blocks_to_swap, self.device)
 
     def teardown(self, stage: str) -> None:
-        self._unpark()
+        self.cache.teardown()
         if self.block_swap is not None:
             self.block_swap.remove(self.device)
             self.block_swap = None
@@ -123,73 +114,14 @@ class FinetuneModule(L.LightningModule):
 
             shard_family(self.family, mesh, **getattr(self.trainer.strategy, "fully_shard_options", {}))
 
-    def encode_once(self, datamodule) -> None:
-        """Encode every training sample the cache lacks (each rank its share, with the encoders on this rank's device
-        and in the training precision; the run's random state untouched), then have the data module yield the
-        cached encodings: from here on no media is decoded and no encoder runs."""
-        from lightning.fabric.utilities.apply_func import move_data_to_device
-
-        from finetune.callbacks import full_parameters
-
-        trainer = self.trainer
-        datamodule.use_encoded(None)
-
-        def encode(batch: dict) -> dict:
-            return self.family.encode(move_data_to_device(batch, self.device))
-
-        # whole parameters under FSDP/ZeRO-3 (an image-to-video VAE stays in the sharded module tree); FSDP2 shards
-        # only the trainable network, which encoding does not run
-        from finetune.strategies import forward_is_collective
-
-        whole = contextlib.nullcontext() if forward_is_collective(trainer.strategy) else full_parameters(trainer, self)
-        with (whole, self.encoders_on_device(), global_rng_untouched(),
-              trainer.precision_plugin.forward_context()):
-            precompute(self.cache, datamodule, encode, rank=trainer.global_rank, world_size=trainer.world_size,
-                       barrier=trainer.strategy.barrier, progress=trainer.is_global_zero)
-        datamodule.use_encoded(self.cache.read)
-        self.reads_encoded = True
-
-    def _indexed(self, datamodule) -> bool:
-        if datamodule is not None and getattr(datamodule, "sample_index", lambda: None)() is not None:
-            return True
-        what = type(datamodule).__name__ if datamodule is not None else "a dataloader without a data module"
-        rank_zero_info(f"module.cache=on: {what} does not index its samples (sample_index); every batch is decoded "
-                       f"and encoded each step.")
-        return False
-
-    def _park(self, encoders: list[torch.nn.Module]) -> None:
-        """The family's encoders out of the module tree, on the CPU: the strategy never moves, wraps or shards them.
-        They stay attributes of the family (and of its pipeline), by the same name."""
-        for name, child in list(self.family._modules.items()):
-            if any(child is encoder for encoder in encoders):
-                del self.family._modules[name]
-                object.__setattr__(self.family, name, child.to("cpu"))
-                self.parked[name] = child
-
-    def _unpark(self) -> None:
-        for name, child in self.parked.items():
-            del self.family.__dict__[name]
-            self.family._modules[name] = child
-        self.parked = {}
-
-    @contextlib.contextmanager
     def encoders_on_device(self):
-        """The parked encoders on this module's device while they run (the precompute pass, validation samples),
-        back on the CPU afterwards."""
-        device = self.device
-        for encoder in self.parked.values():
-            encoder.to(device)
-        try:
-            yield
-        finally:
-            for encoder in self.parked.values():
-                encoder.to("cpu")
-            if device.type == "cuda" and self.parked:
-                torch.cuda.empty_cache()
+        """The family's encoders that training from the encoded cache keeps on the CPU, on this module's device while
+        they run (validation samples), back on the CPU afterwards."""
+        return self.cache.encoders_on_device(self.device)
 
     def encode(self, batch: dict) -> dict:
-        """The family's encodings of a batch: the batch itself when the data module reads them from the cache."""
-        return batch if self.reads_encoded else self.family.encode(batch)
+        """The family's encodings of a batch: the batch itself when it was read from the encoded cache."""
+        return self.cache.encode(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.family.training_loss(self.encode(batch))
@@ -283,13 +215,3 @@ class FinetuneModule(L.LightningModule):
         rng.restore_from_checkpoint(checkpoint.get("rng_state"), self.seed, trainer.global_rank if trainer else 0,
                                     trainer.world_size if trainer else 1, int(checkpoint.get("global_step", 0)))
 
-
-def encoded_cache(family: ModelFamily, cache: str | bool, cache_dir: str | None) -> EncodedCache | None:
-    """Where a run's encodings are kept (`module.cache`, `module.cache_dir`); None when every step encodes."""
-    if cache not in ("on", "off", True, False):
-        raise ValueError(f"module.cache={cache!r}: use on (encode every sample once, then train from the cache) or off")
-    namespace = family.cache_namespace()
-    if cache in ("off", False) or namespace is None:
-        return None
-    directory = Path(cache_dir).expanduser() if cache_dir else cache_root() / "encoded"
-    return EncodedCache(directory, f"{namespace}|kit={kit_version()}")

@@ -14,10 +14,9 @@ from test_golden import recipe_losses
 
 from datamodules.demo_videos import write_demo_videos
 from datamodules.video import VideoDataModule
-from finetune.cache import EncodedCache, files_fingerprint, precompute
+from finetune.cache import EncodedCache, encoded_cache, files_fingerprint, precompute, serve_encoded
 from finetune.checkpointing import kit_version
 from finetune.family import ModelFamily
-from finetune.module import encoded_cache
 from recipes.cogvideox.family import CogVideoX
 
 
@@ -59,7 +58,7 @@ def test_precompute_writes_each_sample_once_and_a_second_pass_encodes_nothing(ti
     again = EncodeSpy(family)
     assert precompute(cache, video_data(), again) == 0 and again.calls == 0
     # what the data module yields once encoded: the cached tensors by key, in the training order, no video
-    data.use_encoded(cache.read)
+    serve_encoded(data, cache)
     batch = next(iter(data.train_dataloader()))
     assert set(batch) == {"latent_mean", "latent_logvar", "prompt_embeds", "key"}
     assert batch["latent_mean"].shape == (2, 16, 3, 4, 4)
@@ -178,6 +177,26 @@ def test_training_from_the_cache_decodes_nothing_runs_no_encoder_and_keeps_the_l
 
     monkeypatch.setattr("datamodules.video.read_frames", refuse)
     monkeypatch.setattr(CogVideoX, "encode", refuse)
-    warm = recipe_losses("cogvideox_lora", tmp_path / "warm", *settings,
+    # max_epochs: Lightning makes the training loader before the precompute pass, to count the steps
+    warm = recipe_losses("cogvideox_lora", tmp_path / "warm", *settings, "trainer.max_epochs=1",
                          "+callbacks.parked._target_=test_cache.EncodersParked", steps=3)
     torch.testing.assert_close(torch.tensor(warm), torch.tensor(off), rtol=1e-5, atol=1e-6)
+
+
+def test_encode_once_parks_the_encoders_and_wraps_the_dataset_for_a_fit_only(tiny_cogvideox, tmp_path):
+    from types import SimpleNamespace
+
+    from finetune.cache import EncodedSamples, EncodeOnce
+
+    family, data = tiny_family(), video_data()
+    decoded = data.dataset
+    component = EncodeOnce(family, "on", str(tmp_path))
+    component.setup(SimpleNamespace(datamodule=data), "validate")
+    assert not component.active and data.dataset is decoded and "vae" in dict(family.named_children())
+    component.setup(SimpleNamespace(datamodule=data), "fit")
+    assert component.active and isinstance(data.dataset, EncodedSamples) and data.dataset.decoded is decoded
+    assert {"vae", "text_encoder"}.isdisjoint(dict(family.named_children())) and family.vae.device.type == "cpu"
+    batch = fixed_batch()
+    assert set(component.encode(batch)) == set(family.encode(batch))  # not serving yet: the encoders run
+    component.teardown()
+    assert data.dataset is decoded and {"vae", "text_encoder"} <= set(dict(family.named_children()))

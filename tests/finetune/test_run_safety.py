@@ -255,3 +255,34 @@ def test_concurrent_builds_into_a_shared_cache_never_mix(tmp_path):
     assert [w.exitcode for w in workers] == [0, 0]
     assert sorted(p.name for p in target.iterdir()) == ["done", "part0", "part1", "part2", "part3", "part4"]
     assert [p.name for p in target.parent.iterdir()] == ["model"]
+
+
+def test_the_atomic_helper_puts_a_file_or_folder_in_place_whole_or_leaves_nothing(tmp_path):
+    """finetune.atomic.atomic_path, under the checkpoint, cache-entry, tiny-model and export writers: a private
+    temporary name in the destination's folder, renamed over it on success, removed on any failure."""
+    from finetune.atomic import atomic_path
+
+    target = tmp_path / "entry.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.startswith(".entry.bin.tmp-")
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["entry.bin"]
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["entry.bin"]
+
+    folder = tmp_path / "model"
+    with pytest.raises(OSError):
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            (tmp / "part0").write_text("0")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry.bin"]
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "done").write_text("ok")
+    assert [p.name for p in folder.iterdir()] == ["done"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry.bin", "model"]

@@ -227,7 +227,7 @@ def test_cache_gives_the_same_epoch_without_the_encoders(tiny_cogview4, tmp_path
     """Three buckets: each sample is encoded once (its prompt embeddings padded to `text_pad_length`, with their
     length), and the epoch read from the cache has the losses of the encoders'."""
     from datamodules.images import ImageDataModule
-    from finetune.cache import EncodedCache, precompute
+    from finetune.cache import EncodedCache, precompute, serve_encoded
 
     data = ImageDataModule(root="demo", batch_size=2, demo_count=6)
     data.connect(CogView4.data_processor(bucket_pixels=4096, min_side=32, max_side=64, max_pixels=4096))
@@ -255,7 +255,7 @@ def test_cache_gives_the_same_epoch_without_the_encoders(tiny_cogview4, tmp_path
 
     family.vae.encode = fail
     family.text_encoder.forward = fail
-    data.use_encoded(cache.read)
+    serve_encoded(data, cache)
     cached = list(data.train_dataloader())
     assert [b["key"] for b in cached] == [b["key"] for b in batches] and "image" not in cached[0]
     torch.testing.assert_close(torch.tensor(epoch(cached, lambda b: b)), torch.tensor(first), rtol=1e-5, atol=1e-6)
