@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
     missing = [path for path in args.images if not Path(path).is_file()]
     if missing:
         parser.error(f"no such image file: {', '.join(missing)}")
-    processor = CogVLM.data_processor(path=args.model, tokenizer_path=args.tokenizer, prompt=args.prompt,
-                                      template_version=args.template)
+    processor = CogVLM.data_processor(CogVLM.local_checkpoint(args.model), tokenizer_path=args.tokenizer,
+                                      prompt=args.prompt, template_version=args.template)
     network = load_model(processor.model_dir, args.adapter, args.dtype, args.device)
     results = []
     for start in range(0, len(args.images), args.batch_size):
