@@ -78,7 +78,7 @@ def config_errors(cfg) -> list[str]:
 
 
 def settings_problems(cfg) -> list[str]:
-    """What `finetune.validate.check_config` (run before anything is built) finds: types, ranges, names; a value
+    """What `finetune.settings.check.check_config` (run before anything is built) finds: types, ranges, names; a value
     left for the command line (`data.root: ???` in the real recipes) aside."""
     return [p for p in config_problems(cfg) if "=???: not set" not in p]
 
