@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.checkpointing import run_identity
 from finetune.console import quiet_known_warnings
 from finetune.module import FinetuneModule
-from finetune.settings.check import check_config, check_trainable_modules
+from finetune.settings.check import check_choices, check_config, check_trainable_modules
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
@@ -155,6 +156,8 @@ def train(cfg: DictConfig) -> FinetuneModule:
     """`mode=fit` trains (resuming from `ckpt_path`); `mode=test` evaluates the test split with the
     weights of `ckpt_path`, of an exported adapter (`adapter_path`), or of the base model, and logs `test/*`."""
     quiet_known_warnings()  # before anything warns: the console keeps only what the user can act on
+    if HydraConfig.initialized():  # train.py: a preset or other group choice that composed nothing stops it too
+        check_choices(HydraConfig.get())
     check_config(cfg)  # a bad setting stops the run before anything is read, built or removed (overwrite=true)
     run_dir = Path(cfg.run_dir)
     first_process = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0

@@ -20,6 +20,7 @@ import enum
 import inspect
 import re
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 from hydra.utils import get_method
@@ -220,6 +221,35 @@ def config_problems(cfg: DictConfig) -> list[str]:
 def check_config(cfg: DictConfig) -> None:
     """Raise a `ConfigError` naming every problem of the config; nothing has been built yet."""
     problems = config_problems(cfg)
+    if problems:
+        raise ConfigError(_report(problems, "the config"))
+
+
+def choice_problems(hydra_cfg) -> list[str]:
+    """The group choices of a composition (Hydra's `hydra.runtime`) that name no config file or folder: Hydra
+    composes nothing for an `optional` defaults entry whose file is missing, and conf/train.yaml's two preset entries
+    are optional (`preset` names the preset, `preset@_global_` loads conf/preset/<preset>/<model>/<adapter>.yaml),
+    so `preset=tinyy`, or a preset without a file for the recipe's model and adapter, would run without it."""
+    folders = [Path(s["path"]) for s in hydra_cfg.runtime.config_sources if s["schema"] == "file"]
+    problems = []
+    for key, value in hydra_cfg.runtime.choices.items():
+        group = key.split("@")[0]
+        if value is None or "None" in value.split("/") or group.split("/")[0] == "hydra":
+            continue  # not chosen (an interpolated choice of a null group, e.g. no preset, reads None)
+        if not any((f / group / f"{value}.yaml").is_file() or (f / group / value).is_dir() for f in folders):
+            top = value.split("/")[0]
+            known = sorted({p.stem for f in folders for p in (f / group).glob("*")
+                            if p.suffix == ".yaml" or p.is_dir()})
+            hint = (f"one of {', '.join(known)}" if not any((f / group / top).is_dir() for f in folders)
+                    else f"a model and adapter that {group}/{top}/ has a file for")
+            where = ", ".join(map(str, folders))
+            problems.append(f"{key}={value}: no {group}/{value}.yaml in {where}; expected {hint}")
+    return problems
+
+
+def check_choices(hydra_cfg) -> None:
+    """Raise a `ConfigError` naming every group choice that composed nothing (`choice_problems`)."""
+    problems = choice_problems(hydra_cfg)
     if problems:
         raise ConfigError(_report(problems, "the config"))
 

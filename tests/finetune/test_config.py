@@ -5,16 +5,18 @@ recipe is a few files (the tiny preset one more), and recipes set only what thei
 from __future__ import annotations
 
 import inspect
+import shutil
 from pathlib import Path
 
 import pytest
 from conftest import REPO, compose
+from hydra import compose as compose_with_hydra
 from hydra import initialize_config_dir
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
 from finetune.module import FinetuneModule
-from finetune.settings.check import config_problems
+from finetune.settings.check import choice_problems, config_problems
 
 CONF = REPO / "conf"
 
@@ -126,6 +128,33 @@ def test_every_model_has_one_tiny_preset_file_per_adapter():
         for adapter in ADAPTERS:
             cfg = compose([f"model={model}", f"adapter={adapter}", "preset=tiny"])
             assert cfg.model.path == "tiny" and cfg.trainer.accelerator == "cpu", (model, adapter)
+
+
+def hydra_compose(overrides: list[str], conf: Path = CONF):
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose_with_hydra(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("preset", PRESET_OVERRIDES)
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_group_choice_of_a_recipe_names_a_config(recipe, preset):
+    assert choice_problems(hydra_compose([f"recipe={recipe}", *PRESET_OVERRIDES[preset]]).hydra) == []
+
+
+def test_a_preset_that_composes_nothing_is_reported(tmp_path):
+    """The preset entries of conf/train.yaml are optional (Hydra skips them without a preset): a mistyped preset, or
+    one without a file for the model and adapter, would compose nothing, so train.py stops with the problem."""
+    assert choice_problems(hydra_compose(["recipe=cogview4_lora", "preset=tinyy"]).hydra) == [
+        f"preset=tinyy: no preset/tinyy.yaml in {CONF}; expected one of tiny",
+        f"preset@_global_=tinyy/cogview4/lora: no preset/tinyy/cogview4/lora.yaml in {CONF}; expected one of tiny"]
+    conf = shutil.copytree(CONF, tmp_path / "conf")
+    (conf / "model" / "toy.yaml").write_text("_target_: recipes.cogvideox.family.CogVideoX\n")
+    (conf / "recipe" / "toy_lora.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: toy\n  - override /data: video\n\nname: toy_lora\n")
+    assert choice_problems(hydra_compose(["recipe=toy_lora"], conf).hydra) == []
+    assert choice_problems(hydra_compose(["recipe=toy_lora", "preset=tiny"], conf).hydra) == [
+        f"preset@_global_=tiny/toy/lora: no preset/tiny/toy/lora.yaml in {conf}; expected a model and adapter that "
+        f"preset/tiny/ has a file for"]
 
 
 def kit_files(overrides: list[str]) -> list[str]:
