@@ -63,8 +63,8 @@ def instrument(run) -> None:
     run.build_module = after("model load", run.build_module)
     real_build = run.build
 
-    def build(cfg):
-        trainer, module, datamodule, ckpt_path = real_build(cfg)
+    def build(cfg, **kwargs):
+        trainer, module, datamodule, ckpt_path = real_build(cfg, **kwargs)
         trainer.callbacks.append(FirstStep())
         mark("trainer")
         return trainer, module, datamodule, ckpt_path

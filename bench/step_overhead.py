@@ -166,13 +166,13 @@ def run_kit(size: str, args) -> dict:
         samples: list = []
         real_build_data, real_build_module = run.build_data, run.build_module
 
-        def build_module(cfg):
-            module = real_build_module(cfg)
+        def build_module(cfg, checkpoint=None):
+            module = real_build_module(cfg, checkpoint)
             samples.extend(encoded_samples(module, size))
             use_encoded_batches(module)
             return module
 
-        run.build_data, run.build_module = (lambda cfg: encoded_data(samples, SIZES[size][3])), build_module
+        run.build_data, run.build_module = (lambda cfg, checkpoint=None: encoded_data(samples, SIZES[size][3])), build_module
         try:
             trainer, module, data, _ = run.build(cfg)
         finally:

@@ -55,7 +55,7 @@ class CaptchaDataModule(FamilyDataModule):
         demo_count, demo_length, demo_charset, demo_width, demo_height, demo_seed: the generated captchas.
     """
 
-    # checked by finetune.validate before anything is built
+    # checked by finetune.settings.check before anything is built
     setting_ranges = {"batch_size": ">=1", "eval_batch_size": ">=1", "num_workers": ">=0",
                       "split_fractions": "[0, 1]", "demo_count": ">=3", "demo_length": ">=1", "demo_width": ">=8",
                       "demo_height": ">=8"}

@@ -180,7 +180,8 @@ class ImageDataModule(FamilyDataModule):
     """
 
     spec_type = ImageSpec
-    setting_ranges = {"batch_size": ">=1", "num_workers": ">=0", "demo_count": ">=1"}  # checked by finetune.validate
+    # checked by finetune.settings.check
+    setting_ranges = {"batch_size": ">=1", "num_workers": ">=0", "demo_count": ">=1"}
 
     def __init__(self, root: str, split: str = "train", image_column: str = "image",
                  caption_column: str | None = None, dataset_config: str | None = None, batch_size: int = 1,

@@ -129,7 +129,7 @@ class VideoDataModule(FamilyDataModule):
 
     spec_type = VideoSpec
     setting_ranges = {"batch_size": ">=1", "num_workers": ">=0", "check_workers": ">=1",
-                      "demo_count": ">=1"}  # checked by finetune.validate
+                      "demo_count": ">=1"}  # checked by finetune.settings.check
 
     def __init__(self, root: str, prompt_file: str = "prompts.txt", video_file: str = "videos.txt",
                  image_file: str = "images.txt", split: str = "train", dataset_config: str | None = None,

@@ -23,7 +23,7 @@ class LoRA:
             are saved in the adapter), e.g. CogVLM's ViT MLPs of layers 46-54 in the official captcha finetune.
     """
 
-    setting_ranges = {"rank": ">=1", "alpha": ">0", "dropout": "[0, 1)"}  # checked by finetune.validate
+    setting_ranges = {"rank": ">=1", "alpha": ">0", "dropout": "[0, 1)"}  # checked by finetune.settings.check
 
     rank: int = 128
     alpha: float = 64

@@ -8,10 +8,12 @@ Required: `trainable_module`, `encode`, `training_loss`, `export`. Optional: `da
 must look like, before any weights load), `cache_namespace` (encodings are computed once and cached:
 `finetune/cache.py`) with `encoders` (what only encoding needs, kept off the accelerator while training reads the
 cache), `generate` (validation samples), `evaluate` (metrics and per-sample rows on a validation batch),
-`load_adapter` (start from or evaluate an export), `export_format` with `export_formats` and `lora_names` (other LoRA
-file layouts: the `cogft` command and `callbacks.export.formats`). What the `cogft` command asks besides:
-`merge_loras` and `save_merged` (`cogft merge`, `cogft generate --lora`), `base_checkpoint_dir` (a merged model is not
-merged again), `generation_options` and `prepare_inference` (`cogft generate`), `model_card_usage` (`cogft push`).
+`load_adapter` (start from or evaluate an export), `local_checkpoint` with `trainable_module_names` (`model.path`
+resolved once by `finetune.run.build`, the folder handed to `data_processor`, `trainable_module_names` and the
+constructor as `checkpoint`), `export_format` with `export_formats` and `lora_names` (other LoRA file layouts: the
+`cogft` command and `callbacks.export.formats`). What the `cogft` command asks besides: `merge_loras` and
+`save_merged` (`cogft merge`, `cogft generate --lora`), `base_checkpoint_dir` (a merged model is not merged again),
+`generation_options` and `prepare_inference` (`cogft generate`), `model_card_usage` (`cogft push`).
 """
 
 from __future__ import annotations
@@ -94,8 +96,9 @@ class ModelFamily(nn.Module, ABC):
 
     @classmethod
     def data_processor(cls, **settings) -> Processor:
-        """What the data must look like, from the same settings as the constructor, before any weights load
-        (cheap: configs and tokenizers only). Raises a clear error for settings the model cannot take."""
+        """What the data must look like, from the constructor's settings it names (and `checkpoint`, the local folder
+        of `model.path` that `local_checkpoint` resolved: `finetune.run.family_data_processor`), before any weights
+        load (cheap: configs and tokenizers only). Raises a clear error for settings the model cannot take."""
         return Processor()
 
     @abstractmethod

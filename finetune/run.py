@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import time
 from pathlib import Path
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -16,16 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.checkpointing import run_identity
 from finetune.console import quiet_known_warnings
 from finetune.module import FinetuneModule
-from finetune.validate import check_config, check_trainable_modules
-
-
-def named_strategy(name: str = "auto") -> str:
-    """Lightning's strategies by name (`auto`, `ddp_spawn`, ...), for configs without a class."""
-    return name
-
-
-def no_logger() -> bool:
-    return False
+from finetune.settings.check import check_choices, check_config, check_trainable_modules
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
@@ -39,43 +32,99 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(path)
 
 
-def build_module(cfg: DictConfig) -> FinetuneModule:
+# -- the model family: its checkpoint resolved once, handed to everything that reads it ----------------------------
+
+def model_settings(model_cfg: DictConfig) -> tuple[type, dict]:
+    """The family class `model._target_` names and the other model settings, resolved."""
+    settings = OmegaConf.to_container(model_cfg, resolve=True)
+    return get_class(settings.pop("_target_")), settings
+
+
+def taking(method, settings: dict):
+    """`method` called with the settings its signature names: a family's classmethods take the settings they use."""
+    parameters = inspect.signature(method).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return method(**settings)
+    return method(**{k: v for k, v in settings.items() if k in parameters})
+
+
+def resolve_checkpoint(model_cfg: DictConfig) -> str | None:
+    """The local folder of `model.path` (a hub id downloaded, `tiny` built once into the kit cache, a folder checked),
+    through the family's `local_checkpoint`; None for a family without one. A run resolves it once (`build`) and
+    hands it to `data_processor`, `trainable_module_names` and the constructor as `checkpoint`; the config keeps
+    the user's `model.path`."""
+    family, settings = model_settings(model_cfg)
+    resolve = getattr(family, "local_checkpoint", None)
+    return taking(resolve, settings) if resolve is not None else None
+
+
+def _with_checkpoint(model_cfg: DictConfig, checkpoint: str | None) -> tuple[type, dict]:
+    family, settings = model_settings(model_cfg)
+    if checkpoint is None:
+        checkpoint = resolve_checkpoint(model_cfg)
+    return family, {**settings, "checkpoint": checkpoint}
+
+
+def family_data_processor(model_cfg: DictConfig, checkpoint: str | None = None):
+    """The family's description of its data, from the model settings, before any weights load."""
+    family, settings = _with_checkpoint(model_cfg, checkpoint)
+    return taking(family.data_processor, settings)
+
+
+def trainable_module_names(model_cfg: DictConfig, checkpoint: str | None = None) -> dict[str, str] | None:
+    """Qualified name -> class name of every module of the family's trainable network, on a weightless copy
+    (None: a family that cannot tell before its weights load)."""
+    family, settings = _with_checkpoint(model_cfg, checkpoint)
+    names_of = getattr(family, "trainable_module_names", None)
+    return taking(names_of, settings) if names_of is not None else None
+
+
+def build_family(cfg: DictConfig, checkpoint: str | None = None):
+    """The model family a composed config names (the model loads here), from `checkpoint` (None: `model.path`
+    resolved here)."""
+    if checkpoint is None:
+        checkpoint = resolve_checkpoint(cfg.model)
+    return instantiate(cfg.model, **({"checkpoint": checkpoint} if checkpoint is not None else {}))
+
+
+def build_module(cfg: DictConfig, checkpoint: str | None = None) -> FinetuneModule:
     """The LightningModule a config names: its family (the model is loaded here), adapter, optimizer."""
-    return FinetuneModule(family=instantiate(cfg.model), adapter=instantiate(cfg.adapter),
+    return FinetuneModule(family=build_family(cfg, checkpoint), adapter=instantiate(cfg.adapter),
                           optimizer=instantiate(cfg.optimizer), lr_scheduler=instantiate(cfg.lr_scheduler),
                           seed=cfg.get("seed"), **cfg.module)
 
 
-def family_data_processor(model_cfg: DictConfig):
-    """The family's description of its data, from the model settings, before any weights load."""
-    settings = OmegaConf.to_container(model_cfg, resolve=True)
-    return get_class(settings.pop("_target_")).data_processor(**settings)
-
-
-def build_data(cfg: DictConfig):
+def build_data(cfg: DictConfig, checkpoint: str | None = None):
     """The data module connected to the family's processor and checked: bad data and settings the model cannot
     take fail here, before the (expensive) model is loaded."""
     datamodule = instantiate(cfg.data)
-    datamodule.connect(family_data_processor(cfg.model))
+    datamodule.connect(family_data_processor(cfg.model, checkpoint))
     datamodule.check()
     return datamodule
 
 
-def build(cfg: DictConfig) -> tuple[L.Trainer, FinetuneModule, L.LightningDataModule, str | None]:
-    check_config(cfg)  # every setting's type, range and name, before anything is read or built
+def build(cfg: DictConfig, checked: bool = False) -> tuple[L.Trainer, FinetuneModule, L.LightningDataModule,
+                                                            str | None]:
+    """The trainer, module and data of a config, after `check_config` (`checked`: the caller ran it, as `train`)."""
+    if not checked:
+        check_config(cfg)  # every setting's type, range and name, before anything is read or built
     run_dir = Path(cfg.run_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_data(cfg)
-    check_trainable_modules(cfg)  # LoRA targets and trained modules by name, on a weightless copy of the network
-    module = build_module(cfg)
+    checkpoint = resolve_checkpoint(cfg.model)  # the one place model.path is resolved (downloaded, built)
+    datamodule = build_data(cfg, checkpoint)
+    # LoRA targets and trained modules by name, on a weightless copy of the network
+    check_trainable_modules(cfg, trainable_module_names(cfg.model, checkpoint))
+    module = build_module(cfg, checkpoint)
     if cfg.get("adapter_path"):  # an export (family.export) as the weights, e.g. with mode=test
         if ckpt_path:
             raise ValueError("pass ckpt_path or adapter_path, not both: a checkpoint already holds the adapter")
         module.family.load_adapter(cfg.adapter_path, module.adapter)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
-    logger = instantiate(cfg.logger)
-    trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), strategy=instantiate(cfg.strategy),
+    logger = instantiate(cfg.logger) if cfg.logger else False  # conf/logger/none.yaml: no logger
+    # conf/strategy/auto.yaml names a Lightning strategy (`name: auto`) instead of building one
+    strategy = instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
+    trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), strategy=strategy,
                           callbacks=callbacks, logger=logger)
     module.identity = run_identity(cfg)
     for lg in trainer.loggers:
@@ -107,12 +156,14 @@ def train(cfg: DictConfig) -> FinetuneModule:
     """`mode=fit` trains (resuming from `ckpt_path`); `mode=test` evaluates the test split with the
     weights of `ckpt_path`, of an exported adapter (`adapter_path`), or of the base model, and logs `test/*`."""
     quiet_known_warnings()  # before anything warns: the console keeps only what the user can act on
+    if HydraConfig.initialized():  # train.py: a preset or other group choice that composed nothing stops it too
+        check_choices(HydraConfig.get())
     check_config(cfg)  # a bad setting stops the run before anything is read, built or removed (overwrite=true)
     run_dir = Path(cfg.run_dir)
     first_process = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
     # Processes that Lightning or torchrun starts for the other ranks find the folder rank zero just claimed.
     earlier = claim_run_dir(run_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False))) if first_process else []
-    trainer, module, datamodule, ckpt_path = build(cfg)
+    trainer, module, datamodule, ckpt_path = build(cfg, checked=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     if first_process:  # a resumed run keeps the first config and adds its own next to it
         resumed = "config.yaml" in earlier

@@ -29,5 +29,5 @@ def warmup_schedule(optimizer: Optimizer, total_steps: int, name: Literal["const
     return LambdaLR(optimizer, factor)
 
 
-# Checked by finetune.validate before anything is built.
+# Checked by finetune.settings.check before anything is built.
 warmup_schedule.setting_ranges = {"warmup_steps": ">=0", "warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]"}

@@ -78,7 +78,7 @@ def video_buckets(num_frames: int, height: int, width: int, buckets, transformer
 
 class CogVideoX(DiffusersFamily):
     """CogVideoX-2b / -5b text-to-video (any CogVideoX checkpoint loaded by `CogVideoXPipeline`; 1.5's differences
-    are read from its configs, `CogVideoX15` only changes the defaults and the tiny model).
+    are read from its configs, `CogVideoX15` only changes the tiny model).
 
     Args:
         path: hub id (THUDM/CogVideoX-2b, THUDM/CogVideoX-5b), a local diffusers checkpoint, or `tiny`.
@@ -94,6 +94,8 @@ class CogVideoX(DiffusersFamily):
         quantize_base: null, or nf4 for QLoRA: the transformer's linear layers stored in 4 bits (bitsandbytes; CUDA,
             LoRA only, `base_quantization` in recipes/diffusion/pipeline.py).
         pipeline: an already built `CogVideoXPipeline` to wrap instead of loading `path` (see `from_pipeline`).
+        checkpoint: the local folder of `path` when the caller resolved it already (`finetune.run.build` does, once);
+            None: resolved here (`local_checkpoint`).
     """
 
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
@@ -102,13 +104,16 @@ class CogVideoX(DiffusersFamily):
     export_formats = ("diffusers", "comfy", "kohya")  # callbacks.export.formats=[diffusers,comfy]
     pipeline_class = "CogVideoXPipeline"
     setting_ranges = {"height": ">0", "width": ">0", "num_frames": ">=1",
-                      "max_sequence_length": ">=1"}  # checked by finetune.validate before anything is built
+                      "max_sequence_length": ">=1"}  # checked by finetune.settings.check before anything is built
     #: the tiny model `path=tiny` builds (a variant of `recipes.cogvideox.tiny`); also names the encoder cache
     family_name = "cogvideox"
+    #: whether each clip comes with the image it starts from (image-to-video)
+    conditioning_image = False
 
     def __init__(self, path: str = "THUDM/CogVideoX-2b", dtype: str = "bf16", height: int = 480,
                  width: int = 720, num_frames: int = 49, buckets: list | None = None, max_sequence_length: int = 226,
-                 enable_vae_tiling: bool = True, quantize_base: str | None = None, pipeline=None):
+                 enable_vae_tiling: bool = True, quantize_base: str | None = None, pipeline=None,
+                 checkpoint: str | None = None):
         super().__init__()
         import diffusers
 
@@ -116,9 +121,9 @@ class CogVideoX(DiffusersFamily):
         self.path, self.dtype_name = path, dtype
         self.height, self.width, self.num_frames = height, width, num_frames
         self.max_sequence_length = max_sequence_length
-        self.checkpoint_dir = None if pipeline is not None else self.local_checkpoint(path)
+        self.checkpoint_dir = None if pipeline is not None else checkpoint or self.local_checkpoint(path)
         if pipeline is None:
-            self.buckets = self.data_processor(path=path, height=height, width=width, num_frames=num_frames,
+            self.buckets = self.data_processor(self.checkpoint_dir, height=height, width=width, num_frames=num_frames,
                                                buckets=buckets).spec.buckets
             pipeline = load_pipeline(self.pipeline_class, self.checkpoint_dir, parse_dtype(dtype), quantization)
         else:
@@ -141,19 +146,22 @@ class CogVideoX(DiffusersFamily):
 
     @classmethod
     def local_checkpoint(cls, path: str) -> str:
+        """The local folder of `path` (hub id, folder, or `tiny`: built once into the kit cache)."""
         from recipes.cogvideox.tiny import save_tiny_cogvideox
 
         return resolve_pretrained(path, family=cls.family_name,
                                   build_tiny=functools.partial(save_tiny_cogvideox, variant=cls.family_name))
 
     @classmethod
-    def data_processor(cls, path: str = "THUDM/CogVideoX-2b", height: int = 480, width: int = 720,
-                       num_frames: int = 49, buckets: list | None = None, **_) -> Processor:
-        """Clips in the training buckets, each (and the validation size) checked against the checkpoint's
-        transformer config; only the config is read."""
-        config = json.loads((Path(cls.local_checkpoint(path)) / "transformer" / "config.json").read_text())
+    def data_processor(cls, checkpoint: str, height: int = 480, width: int = 720, num_frames: int = 49,
+                       buckets: list | None = None) -> Processor:
+        """Clips in the training buckets, each (and the validation size) checked against the transformer config of
+        `checkpoint` (the local folder, `local_checkpoint`); only the config is read. Image-to-video families
+        (`conditioning_image`) get each clip's first frame too."""
+        config = json.loads((Path(checkpoint) / "transformer" / "config.json").read_text())
         check_video_settings(height, width, num_frames, config)
-        return Processor(VideoSpec(buckets=video_buckets(num_frames, height, width, buckets, config)))
+        return Processor(VideoSpec(buckets=video_buckets(num_frames, height, width, buckets, config),
+                                   conditioning_image=cls.conditioning_image))
 
     def cache_namespace(self) -> str:
         return (f"{self.family_name}|{self.path}|encoders={self.encoder_files()}|{self.dtype_name}"
@@ -221,15 +229,9 @@ class CogVideoX(DiffusersFamily):
 
 
 class CogVideoX15(CogVideoX):
-    """CogVideoX1.5-5B text-to-video: `CogVideoX` with 1.5's checkpoint, native size (81 x 768 x 1360) and tiny
-    model. What 1.5 changes is read from its configs: latent frames patched in pairs (16N+1 frames, the first latent
-    frame repeated to make the count even, as the official finetune) and rotary positions on the slice grid."""
+    """CogVideoX1.5-5B text-to-video: `CogVideoX` with 1.5's tiny model (its checkpoint and native size, 81 x 768 x
+    1360, are settings: conf/model/cogvideox15.yaml). What 1.5 changes is read from its configs: latent frames
+    patched in pairs (16N+1 frames, the first latent frame repeated to make the count even, as the official
+    finetune) and rotary positions on the slice grid."""
 
     family_name = "cogvideox15"
-
-    def __init__(self, path: str = "THUDM/CogVideoX1.5-5B", dtype: str = "bf16", height: int = 768,
-                 width: int = 1360, num_frames: int = 81, buckets: list | None = None, max_sequence_length: int = 226,
-                 enable_vae_tiling: bool = True, quantize_base: str | None = None, pipeline=None):
-        super().__init__(path=path, dtype=dtype, height=height, width=width, num_frames=num_frames, buckets=buckets,
-                         max_sequence_length=max_sequence_length, enable_vae_tiling=enable_vae_tiling,
-                         quantize_base=quantize_base, pipeline=pipeline)

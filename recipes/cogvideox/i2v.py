@@ -21,13 +21,11 @@ a learned positional embedding fixed to 49 x 480 x 720, so it trains at that siz
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
 import torch
 
-from finetune.data import Processor
 from finetune.family import GenerationRequest, Sample
 from recipes.cogvideox.family import CogVideoX
 from recipes.diffusion.objectives import sample_latents
@@ -49,22 +47,18 @@ class CogVideoXImageToVideo(CogVideoX):
 
     pipeline_class = "CogVideoXImageToVideoPipeline"
     family_name = "cogvideox_i2v"
+    conditioning_image = True  # each clip with its first frame (`image`, [3, H, W] in [-1, 1])
     setting_ranges = {**CogVideoX.setting_ranges, "image_dropout": "[0, 1]"}
 
-    def __init__(self, path: str = "THUDM/CogVideoX-5b-I2V", dtype: str = "bf16", height: int = 480,
-                 width: int = 720, num_frames: int = 49, buckets: list | None = None, max_sequence_length: int = 226,
-                 enable_vae_tiling: bool = True, image_dropout: float = 0.05, cache_image_latents: bool = False,
-                 quantize_base: str | None = None, pipeline=None):
+    # The settings are the schema (finetune/settings/check.py): CogVideoX's, named again, and the two of
+    # image-to-video; their defaults are conf/model/cogvideox_i2v.yaml's.
+    def __init__(self, path: str, dtype: str, height: int, width: int, num_frames: int, buckets: list | None,
+                 max_sequence_length: int, enable_vae_tiling: bool, image_dropout: float, cache_image_latents: bool,
+                 quantize_base: str | None = None, pipeline=None, checkpoint: str | None = None):
         super().__init__(path=path, dtype=dtype, height=height, width=width, num_frames=num_frames, buckets=buckets,
                          max_sequence_length=max_sequence_length, enable_vae_tiling=enable_vae_tiling,
-                         quantize_base=quantize_base, pipeline=pipeline)
+                         quantize_base=quantize_base, pipeline=pipeline, checkpoint=checkpoint)
         self.image_dropout, self.cache_image_latents = image_dropout, cache_image_latents
-
-    @classmethod
-    def data_processor(cls, **settings) -> Processor:
-        """Text-to-video's clips, each with its conditioning image (`image`, [3, H, W] in [-1, 1])."""
-        spec = super().data_processor(**settings).spec
-        return Processor(dataclasses.replace(spec, conditioning_image=True))
 
     def cache_namespace(self) -> str:
         return f"{super().cache_namespace()}|image_latents={self.cache_image_latents}"
@@ -151,16 +145,7 @@ class CogVideoXImageToVideo(CogVideoX):
 
 
 class CogVideoX15ImageToVideo(CogVideoXImageToVideo):
-    """CogVideoX1.5-5B-I2V: `CogVideoXImageToVideo` with 1.5's checkpoint, size (81 x 768 x 1360; the model card:
-    sides 768..1360, multiples of 16) and tiny model."""
+    """CogVideoX1.5-5B-I2V: `CogVideoXImageToVideo` with 1.5's tiny model (its checkpoint and size, 81 x 768 x 1360;
+    the model card: sides 768..1360, multiples of 16, are settings: conf/model/cogvideox15_i2v.yaml)."""
 
     family_name = "cogvideox15_i2v"
-
-    def __init__(self, path: str = "THUDM/CogVideoX1.5-5B-I2V", dtype: str = "bf16", height: int = 768,
-                 width: int = 1360, num_frames: int = 81, buckets: list | None = None, max_sequence_length: int = 226,
-                 enable_vae_tiling: bool = True, image_dropout: float = 0.05, cache_image_latents: bool = False,
-                 quantize_base: str | None = None, pipeline=None):
-        super().__init__(path=path, dtype=dtype, height=height, width=width, num_frames=num_frames, buckets=buckets,
-                         max_sequence_length=max_sequence_length, enable_vae_tiling=enable_vae_tiling,
-                         image_dropout=image_dropout, cache_image_latents=cache_image_latents,
-                         quantize_base=quantize_base, pipeline=pipeline)

@@ -40,6 +40,8 @@ class CogView3Plus(BucketedImageFamily):
         max_sequence_length: T5 tokens; prompts are padded to it (224, as the pipeline).
         bucket_pixels, min_side, max_side, bucket_multiple, max_pixels: the training buckets' area and the sizes
             the model generates (as CogView4: 512..2048, multiples of 32, at most 2^21 pixels).
+        checkpoint: the local folder of `path` when the caller resolved it already (`finetune.run.build` does, once);
+            None: resolved here (`local_checkpoint`).
     """
 
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
@@ -48,21 +50,20 @@ class CogView3Plus(BucketedImageFamily):
     transformer_class = "CogView3PlusTransformer2DModel"
     setting_ranges = {"height": ">0", "width": ">0", "max_sequence_length": ">=1", "bucket_pixels": ">0",
                       "min_side": ">0", "max_side": ">0", "bucket_multiple": ">=1",
-                      "max_pixels": ">0"}  # checked by finetune.validate before anything is built
+                      "max_pixels": ">0"}  # checked by finetune.settings.check before anything is built
 
     def __init__(self, path: str = "THUDM/CogView3-Plus-3B", dtype: str = "bf16", height: int = 1024,
                  width: int = 1024, max_sequence_length: int = 224, bucket_pixels: int = 1024 * 1024,
-                 min_side: int = 512, max_side: int = 2048, bucket_multiple: int = 32, max_pixels: int = 2**21):
+                 min_side: int = 512, max_side: int = 2048, bucket_multiple: int = 32, max_pixels: int = 2**21,
+                 checkpoint: str | None = None):
         super().__init__()
         from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline
-
-        from recipes.cogview.cogview3plus_tiny import save_tiny_cogview3plus
 
         self.data_processor(height=height, width=width, bucket_pixels=bucket_pixels, min_side=min_side,
                             max_side=max_side, bucket_multiple=bucket_multiple, max_pixels=max_pixels)
         self.path, self.dtype_name = path, dtype
         self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
-        local = self.checkpoint_dir = resolve_pretrained(path, family="cogview3plus", build_tiny=save_tiny_cogview3plus)
+        local = self.checkpoint_dir = checkpoint or self.local_checkpoint(path)
         self.attach_pipeline(CogView3PlusPipeline.from_pretrained(local, dtype=parse_dtype(dtype)))
         self.scheduler = CogVideoXDDIMScheduler.from_config(self.pipe.scheduler.config)
         if self.scheduler.config.prediction_type != "v_prediction":
@@ -71,6 +72,7 @@ class CogView3Plus(BucketedImageFamily):
 
     @classmethod
     def local_checkpoint(cls, path: str) -> str:
+        """The local folder of `path` (hub id, folder, or `tiny`: built once into the kit cache)."""
         from recipes.cogview.cogview3plus_tiny import save_tiny_cogview3plus
 
         return resolve_pretrained(path, family="cogview3plus", build_tiny=save_tiny_cogview3plus)

@@ -89,8 +89,8 @@ class BucketedImageFamily(DiffusersFamily):
 
     @classmethod
     def data_processor(cls, height: int = 1024, width: int = 1024, bucket_pixels: int = 1024 * 1024,
-                       min_side: int = 512, max_side: int = 2048, bucket_multiple: int = 32, max_pixels: int = 2**21,
-                       **_) -> Processor:
+                       min_side: int = 512, max_side: int = 2048, bucket_multiple: int = 32,
+                       max_pixels: int = 2**21) -> Processor:
         check_sides(cls.display_name, bucket_multiple, height=height, width=width, min_side=min_side,
                     max_side=max_side)
         return Processor(ImageSpec(pixels=bucket_pixels, min_side=min_side, max_side=max_side,
@@ -118,6 +118,8 @@ class CogView4(BucketedImageFamily):
             LoRA only, `base_quantization` in recipes/diffusion/pipeline.py).
         pipeline: an already built `CogView4Pipeline` to wrap instead of loading `path` (benchmarks with random
             real-size weights, `bench/gpu_models.py`).
+        checkpoint: the local folder of `path` when the caller resolved it already (`finetune.run.build` does, once);
+            None: resolved here (`local_checkpoint`).
     """
 
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
@@ -125,18 +127,16 @@ class CogView4(BucketedImageFamily):
     transformer_class = "CogView4Transformer2DModel"
     setting_ranges = {"height": ">0", "width": ">0", "max_sequence_length": ">=1", "logit_std": ">0",
                       "bucket_pixels": ">0", "min_side": ">0", "max_side": ">0", "bucket_multiple": ">=1",
-                      "max_pixels": ">0"}  # checked by finetune.validate before anything is built
+                      "max_pixels": ">0"}  # checked by finetune.settings.check before anything is built
 
     def __init__(self, path: str = "THUDM/CogView4-6B", dtype: str = "bf16", height: int = 1024,
                  width: int = 1024, max_sequence_length: int = 1024, sigma_sampling: str = "uniform",
                  logit_mean: float = 0.0, logit_std: float = 1.0, loss_weighting: str = "none",
                  bucket_pixels: int = 1024 * 1024, min_side: int = 512, max_side: int = 2048,
                  bucket_multiple: int = 32, max_pixels: int = 2**21, quantize_base: str | None = None,
-                 pipeline=None):
+                 pipeline=None, checkpoint: str | None = None):
         super().__init__()
         from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from recipes.cogview.cogview4_tiny import save_tiny_cogview4
 
         self.data_processor(height=height, width=width, bucket_pixels=bucket_pixels, min_side=min_side,
                             max_side=max_side, bucket_multiple=bucket_multiple, max_pixels=max_pixels)
@@ -145,7 +145,7 @@ class CogView4(BucketedImageFamily):
         self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
         self.text_pad_length = round_up(max_sequence_length)
         if pipeline is None:
-            self.checkpoint_dir = resolve_pretrained(path, family="cogview4", build_tiny=save_tiny_cogview4)
+            self.checkpoint_dir = checkpoint or self.local_checkpoint(path)
             pipeline = load_pipeline("CogView4Pipeline", self.checkpoint_dir, parse_dtype(dtype), quantization)
         self.attach_pipeline(pipeline)
         install_masked_attention(self.transformer)
@@ -160,6 +160,7 @@ class CogView4(BucketedImageFamily):
 
     @classmethod
     def local_checkpoint(cls, path: str) -> str:
+        """The local folder of `path` (hub id, folder, or `tiny`: built once into the kit cache)."""
         from recipes.cogview.cogview4_tiny import save_tiny_cogview4
 
         return resolve_pretrained(path, family="cogview4", build_tiny=save_tiny_cogview4)

@@ -169,42 +169,49 @@ class CogVLM(ModelFamily):
         template_version: base, chat or vqa; null takes the checkpoint's (base for cogvlm-base-490-hf).
         tiny: with path=tiny, the tiny model's settings (`recipes/cogvlm/tiny.py` `tiny_cogvlm_config`: cogvlm2,
             image_size, or any CogVLMConfig field such as initializer_range); each set of settings is built once.
+        checkpoint: the local folder of `path` when the caller resolved it already (`finetune.run.build` does, once);
+            None: resolved here (`local_checkpoint`).
     """
 
-    setting_ranges = {"max_new_tokens": ">=1"}  # checked by finetune.validate before anything is built
+    setting_ranges = {"max_new_tokens": ">=1"}  # checked by finetune.settings.check before anything is built
 
     def __init__(self, path: str = "THUDM/cogvlm-base-490-hf", tokenizer_path: str | None = "lmsys/vicuna-7b-v1.5",
                  dtype: str = "bf16", lora_targets: list[str] = ("language_expert_attention", "vit_attention"),
                  max_new_tokens: int = 10, prompt: str = "CAPTCHA:", template_version: str | None = None,
-                 tiny: dict | None = None):
+                 tiny: dict | None = None, checkpoint: str | None = None):
         super().__init__()
         self.lora_target_modules = lora_target_modules(lora_targets)
         self.path, self.max_new_tokens, self.weight_dtype = path, max_new_tokens, parse_dtype(dtype)
-        self.processor = self.data_processor(path=path, tokenizer_path=tokenizer_path, prompt=prompt,
-                                             template_version=template_version, tiny=tiny)
+        self.processor = self.data_processor(checkpoint or self.local_checkpoint(path, tiny),
+                                             tokenizer_path=tokenizer_path, prompt=prompt,
+                                             template_version=template_version)
         self.local_path, self.tokenizer = self.processor.model_dir, self.processor.tokenizer
         self.model = CogVLMForCausalLM.from_pretrained(self.local_path, dtype=self.weight_dtype)
         self.model.requires_grad_(False)
 
     @classmethod
-    def data_processor(cls, path: str = "THUDM/cogvlm-base-490-hf", tokenizer_path: str | None = "lmsys/vicuna-7b-v1.5",
-                       prompt: str = "CAPTCHA:", template_version: str | None = None, tiny: dict | None = None,
-                       **_) -> CogVLMProcessor:
-        """The tokenizer, template and image size of the checkpoint (config and tokenizer only, no weights)."""
-        local = resolve_model(path, tiny)
+    def local_checkpoint(cls, path: str, tiny: dict | None = None) -> str:
+        """The local folder of `path` (hub id, folder, or `tiny`: built once per `tiny` settings): `resolve_model`."""
+        return resolve_model(path, tiny)
+
+    @classmethod
+    def data_processor(cls, checkpoint: str, tokenizer_path: str | None = "lmsys/vicuna-7b-v1.5",
+                       prompt: str = "CAPTCHA:", template_version: str | None = None) -> CogVLMProcessor:
+        """The tokenizer, template and image size of `checkpoint` (the local folder, `local_checkpoint`; config and
+        tokenizer only, no weights)."""
+        local = checkpoint
         config = CogVLMConfig.from_pretrained(local)
         return CogVLMProcessor(load_tokenizer(local, tokenizer_path), prompt, template_version or config.template_version,
                                config.vision_config["image_size"], config.num_image_tokens, model_dir=local)
 
     @classmethod
-    def trainable_module_names(cls, path: str = "THUDM/cogvlm-base-490-hf", tiny: dict | None = None,
-                               **_) -> dict[str, str]:
-        """Qualified name -> class name of every submodule of the model, built from its config.json on the meta
-        device (no weights read, no memory): what `adapter.target_modules` and `adapter.modules` must match,
-        checked before the model loads (`finetune.validate.check_trainable_modules`)."""
-        local = resolve_model(path, tiny)
+    def trainable_module_names(cls, checkpoint: str) -> dict[str, str]:
+        """Qualified name -> class name of every submodule of the model, built from the config.json of `checkpoint`
+        (the local folder) on the meta device (no weights read, no memory): what `adapter.target_modules` and
+        `adapter.modules` must match, checked before the model loads
+        (`finetune.settings.check.check_trainable_modules`)."""
         with torch.device("meta"):
-            model = CogVLMForCausalLM(CogVLMConfig.from_pretrained(local))
+            model = CogVLMForCausalLM(CogVLMConfig.from_pretrained(checkpoint))
         return {name: type(module).__name__ for name, module in model.named_modules() if name}
 
     def trainable_module(self) -> nn.Module:

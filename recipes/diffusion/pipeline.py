@@ -95,17 +95,15 @@ class DiffusersFamily(ModelFamily):
         return files_fingerprint(self.checkpoint_dir, ("model_index.json", "vae", "text_encoder", "tokenizer"))
 
     @classmethod
-    def trainable_module_names(cls, path: str, **_) -> dict[str, str] | None:
-        """Qualified name -> class name of every submodule of the transformer, built from the checkpoint's
-        `transformer/config.json` on the meta device (no weights read, no memory; 0.1 s at 5B): what
-        `adapter.target_modules` and `adapter.modules` must match, checked before the model loads
-        (`finetune.validate.check_trainable_modules`). Needs the `local_checkpoint(path)` hook; the class is
-        `transformer_class` or the one `model_index.json` names."""
+    def trainable_module_names(cls, checkpoint: str) -> dict[str, str]:
+        """Qualified name -> class name of every submodule of the transformer, built from `transformer/config.json`
+        of `checkpoint` (the local folder, the family's `local_checkpoint`) on the meta device (no weights read, no
+        memory; 0.1 s at 5B): what `adapter.target_modules` and `adapter.modules` must match, checked before the
+        model loads (`finetune.settings.check.check_trainable_modules`). The class is `transformer_class` or the one
+        `model_index.json` names."""
         import diffusers
 
-        if not hasattr(cls, "local_checkpoint"):
-            return None
-        local = Path(cls.local_checkpoint(path))
+        local = Path(checkpoint)
         class_name = getattr(cls, "transformer_class", None) or \
             json.loads((local / "model_index.json").read_text())["transformer"][-1]
         transformer_class = getattr(diffusers, class_name)

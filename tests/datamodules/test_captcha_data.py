@@ -105,7 +105,7 @@ def test_batches_mask_all_but_label_and_eos(folder, tiny_cogvlm):
     from recipes.cogvlm.family import CogVLM
 
     data = CaptchaDataModule(root=str(folder), batch_size=4, eval_batch_size=3, num_workers=0)
-    data.connect(CogVLM.data_processor(path=tiny_cogvlm))  # as the engine connects them: no weights loaded
+    data.connect(CogVLM.data_processor(checkpoint=tiny_cogvlm))  # as the engine connects them: no weights loaded
     data.setup()
     tokenizer = data.processor.tokenizer
     train = next(iter(data.train_dataloader()))

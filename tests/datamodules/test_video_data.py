@@ -103,7 +103,7 @@ def test_too_short_video_says_how_many_frames(tmp_path):
 def test_unsupported_sizes_are_the_familys_rule_checked_before_loading(tiny_cogvideox, kw, message):
     from recipes.cogvideox.family import CogVideoX
 
-    settings = {"path": tiny_cogvideox, "height": 32, "width": 32, "num_frames": 9, **kw}
+    settings = {"checkpoint": tiny_cogvideox, "height": 32, "width": 32, "num_frames": 9, **kw}
     with pytest.raises(DataError, match=message):
         CogVideoX.data_processor(**settings)
 

@@ -22,7 +22,7 @@ from recipes.cogvideox.family import CogVideoX
 
 def video_data(root: str = "demo", batch_size: int = 1) -> VideoDataModule:
     data = VideoDataModule(root=root, demo_count=4, batch_size=batch_size, num_workers=0)
-    data.connect(CogVideoX.data_processor(path="tiny", height=32, width=32, num_frames=9))
+    data.connect(CogVideoX.data_processor(CogVideoX.local_checkpoint("tiny"), height=32, width=32, num_frames=9))
     data.setup()
     return data
 

@@ -1,6 +1,6 @@
 """The shipped configs, without building anything: every composed `_target_` takes the keys it is given (with values
-of the types and ranges its signature and `setting_ranges` allow), every model has a tiny preset (and a model without
-one fails to compose with preset=tiny), and recipes and presets set only what their defaults do not already give."""
+of the types and ranges its signature and `setting_ranges` allow), every model has a tiny preset file per adapter, a
+recipe is a few files (the tiny preset one more), and recipes set only what their defaults do not already give."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, compose
-from hydra import compose as hydra_compose
+from hydra import compose as compose_with_hydra
 from hydra import initialize_config_dir
-from hydra.errors import MissingConfigException
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
 from finetune.module import FinetuneModule
-from finetune.validate import config_problems
+from finetune.settings.check import choice_problems, config_problems
 
 CONF = REPO / "conf"
 
@@ -81,7 +80,7 @@ def config_errors(cfg) -> list[str]:
 
 
 def settings_problems(cfg) -> list[str]:
-    """What `finetune.validate.check_config` (run before anything is built) finds: types, ranges, names; a value
+    """What `finetune.settings.check.check_config` (run before anything is built) finds: types, ranges, names; a value
     left for the command line (`data.root: ???` in the real recipes) aside."""
     return [p for p in config_problems(cfg) if "=???: not set" not in p]
 
@@ -116,22 +115,69 @@ def test_an_unknown_argument_is_named_with_its_config_path():
 
 # -- tiny presets ------------------------------------------------------------------------------------------------
 
-def test_every_model_has_exactly_one_tiny_preset():
-    assert options("preset/tiny") == MODELS  # conf/preset/tiny/<model>.yaml, no preset for a model that is gone
+ADAPTERS = options("adapter")
+
+
+def test_every_model_has_one_tiny_preset_file_per_adapter():
+    """preset=tiny loads conf/preset/tiny/<model>/<adapter>.yaml (conf/train.yaml); a model or adapter without one
+    would compose without the preset, so each model ships one for every adapter and none is left for a model that is
+    gone."""
+    assert sorted(p.name for p in (CONF / "preset" / "tiny").iterdir()) == MODELS
     for model in MODELS:
-        cfg = compose([f"model={model}", "preset=tiny"])
-        assert cfg.model.path == "tiny" and cfg.trainer.accelerator == "cpu", model
+        assert options(f"preset/tiny/{model}") == ADAPTERS, model
+        for adapter in ADAPTERS:
+            cfg = compose([f"model={model}", f"adapter={adapter}", "preset=tiny"])
+            assert cfg.model.path == "tiny" and cfg.trainer.accelerator == "cpu", (model, adapter)
 
 
-def test_a_model_without_a_tiny_preset_fails_to_compose(tmp_path):
+def hydra_compose(overrides: list[str], conf: Path = CONF):
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose_with_hydra(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("preset", PRESET_OVERRIDES)
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_group_choice_of_a_recipe_names_a_config(recipe, preset):
+    assert choice_problems(hydra_compose([f"recipe={recipe}", *PRESET_OVERRIDES[preset]]).hydra) == []
+
+
+def test_a_preset_that_composes_nothing_is_reported(tmp_path):
+    """The preset entries of conf/train.yaml are optional (Hydra skips them without a preset): a mistyped preset, or
+    one without a file for the model and adapter, would compose nothing, so train.py stops with the problem."""
+    assert choice_problems(hydra_compose(["recipe=cogview4_lora", "preset=tinyy"]).hydra) == [
+        f"preset=tinyy: no preset/tinyy.yaml in {CONF}; expected one of tiny",
+        f"preset@_global_=tinyy/cogview4/lora: no preset/tinyy/cogview4/lora.yaml in {CONF}; expected one of tiny"]
     conf = shutil.copytree(CONF, tmp_path / "conf")
     (conf / "model" / "toy.yaml").write_text("_target_: recipes.cogvideox.family.CogVideoX\n")
     (conf / "recipe" / "toy_lora.yaml").write_text(
         "# @package _global_\ndefaults:\n  - override /model: toy\n  - override /data: video\n\nname: toy_lora\n")
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        assert hydra_compose(config_name="train", overrides=["recipe=toy_lora"]).model._target_
-        with pytest.raises(MissingConfigException, match="preset/tiny/toy"):
-            hydra_compose(config_name="train", overrides=["recipe=toy_lora", "preset=tiny"])
+    assert choice_problems(hydra_compose(["recipe=toy_lora"], conf).hydra) == []
+    assert choice_problems(hydra_compose(["recipe=toy_lora", "preset=tiny"], conf).hydra) == [
+        f"preset@_global_=tiny/toy/lora: no preset/tiny/toy/lora.yaml in {conf}; expected a model and adapter that "
+        f"preset/tiny/ has a file for"]
+
+
+def kit_files(overrides: list[str]) -> list[str]:
+    """The kit's config files in Hydra's defaults list for `python train.py <overrides>` (Hydra's own aside)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        defaults = GlobalHydra.instance().config_loader().compute_defaults_list("train", overrides, RunMode.RUN)
+    files = [d.config_path for d in defaults.defaults if not d.config_path.startswith("hydra/")]
+    assert all((CONF / f"{f}.yaml").is_file() for f in files), files
+    return files
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_recipe_is_few_files_and_the_tiny_preset_one_more(recipe):
+    """A reader knows what a recipe does from a handful of files: preset=tiny adds the one file of the recipe's model
+    and adapter (nothing chained through interpolated defaults), and no tiny recipe composes more than 13."""
+    for adapter in ([], ["adapter=full"], ["adapter=lora"]):
+        real = kit_files([f"recipe={recipe}", *adapter])
+        tiny = kit_files([f"recipe={recipe}", *adapter, "preset=tiny"])
+        assert tiny[:-1] == real and tiny[-1].startswith("preset/tiny/"), tiny  # exactly one file more, the last
+        assert len(tiny) <= 13, tiny
 
 
 # -- each value set in one place ---------------------------------------------------------------------------------
@@ -185,12 +231,6 @@ def test_recipes_set_only_what_their_groups_do_not(path):
         given.update(leaves({group: plain(CONF / group / f"{option}.yaml")}))
     given.update(included)
     assert not repeated(path, given)
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_tiny_presets_set_only_what_the_shared_part_does_not(model):
-    path = CONF / "preset" / "tiny" / f"{model}.yaml"
-    assert not repeated(path, given_by_defaults(path, {}))
 
 
 def test_recipes_are_headed_by_their_command():

@@ -17,7 +17,7 @@ from PIL import Image
 import finetune.run
 from finetune.data import DataError
 from finetune.run import build
-from finetune.validate import OUTSIDE_RANGES, ConfigError, Range, config_problems, module_problems, ranges_of
+from finetune.settings.check import OUTSIDE_RANGES, ConfigError, Range, config_problems, module_problems, ranges_of
 
 RECIPES = sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml"))
 
@@ -72,6 +72,8 @@ CASES = {
     "trainer.limit_val_batches=1.5": "trainer.limit_val_batches=1.5: expected an integer >= 0 or a number in [0, 1] "
                                      "or null, e.g. trainer.limit_val_batches=0",
     "data.on_bad_sample=ignore": "data.on_bad_sample=ignore: expected one of fail, skip, e.g. data.on_bad_sample=fail",
+    "+model.checkpoint=/x": "model.checkpoint=/x: not a setting; it is the local folder of model.path, resolved by "
+                            "the run: set model.path",
     "+adapter.rnak=8": "adapter.rnak=8: not a setting of finetune.adapters.LoRA; expected one of rank, alpha, "
                        "target_modules, init_lora_weights, dropout, adapter_name, modules, e.g. adapter.rank=8",
 }
@@ -148,6 +150,11 @@ def test_range_syntax():
 
 # -- LoRA targets and trained modules, by name, before the weights load ----------------------------------------
 
+def network_problems(cfg) -> list[str]:
+    """What `build` checks: the adapter's module names against the weightless network of the resolved checkpoint."""
+    return module_problems(cfg, finetune.run.trainable_module_names(cfg.model))
+
+
 def test_unknown_lora_target_is_named_with_valid_names(tmp_path, no_model):
     with pytest.raises(ConfigError) as error:
         build(tiny_cfg(tmp_path, "adapter.target_modules=[to_q,to_kk]"))
@@ -164,7 +171,7 @@ def test_unknown_lora_target_is_named_with_valid_names(tmp_path, no_model):
      r"e.g. adapter.modules=\[transformer_blocks\]"),
 ])
 def test_modules_that_cannot_be_trained_are_named(cache_dir, overrides, message):
-    problems = module_problems(compose(["recipe=cogview4_lora", "preset=tiny", *overrides]))
+    problems = network_problems(compose(["recipe=cogview4_lora", "preset=tiny", *overrides]))
     assert len(problems) == 1
     assert re.search(message, problems[0]), problems[0]
 
@@ -172,7 +179,7 @@ def test_modules_that_cannot_be_trained_are_named(cache_dir, overrides, message)
 def test_cogvlm_modules_are_matched_on_a_weightless_model(cache_dir):
     cfg = compose(["recipe=cogvlm_captcha_lora", "preset=tiny", "adapter.modules=[vision.transformer.layer.1.mlp]",
                    "adapter.target_modules=[language_expert_query_key_value,vision_qkv]"])
-    problems = module_problems(cfg)
+    problems = network_problems(cfg)
     assert len(problems) == 2
     assert problems[0].startswith("adapter.target_modules=[language_expert_query_key_value, vision_qkv]: vision_qkv "
                                   "matches no module")
@@ -181,7 +188,41 @@ def test_cogvlm_modules_are_matched_on_a_weightless_model(cache_dir):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_targets_modules_its_network_has(cache_dir, recipe):
-    assert module_problems(compose([f"recipe={recipe}", "preset=tiny"])) == []
+    assert network_problems(compose([f"recipe={recipe}", "preset=tiny"])) == []
+
+
+def test_the_checkpoint_is_resolved_once_and_handed_to_everything_that_reads_it(tmp_path, monkeypatch):
+    """`model.path` (a hub id downloaded, `tiny` built) is resolved once by `build`; the data processor, the module
+    name check and the constructor get the local folder; the config keeps the user's value."""
+    from recipes.cogview.cogview4 import CogView4
+
+    calls, handed = [], []
+    resolve = CogView4.local_checkpoint.__func__
+
+    def counted(cls, path):
+        calls.append(path)
+        return resolve(cls, path)
+
+    def stop(cfg, checkpoint=None):
+        handed.append(checkpoint)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CogView4, "local_checkpoint", classmethod(counted))
+    monkeypatch.setattr(finetune.run, "build_module", stop)
+    cfg = tiny_cfg(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        build(cfg)
+    assert calls == ["tiny"] and handed == [resolve(CogView4, "tiny")] and cfg.model.path == "tiny"
+
+
+def test_a_run_checks_its_config_once(tmp_path, monkeypatch):
+    checks = []
+    real_check = finetune.run.check_config
+    monkeypatch.setattr(finetune.run, "check_config", lambda cfg: checks.append(cfg) or real_check(cfg))
+    monkeypatch.setattr(finetune.run, "build_data", _loaded("build_data"))
+    with pytest.raises(AssertionError, match="build_data ran"):
+        finetune.run.train(tiny_cfg(tmp_path))
+    assert len(checks) == 1
 
 
 # -- data: checked in full before the weights load ---------------------------------------------------------------

@@ -24,6 +24,9 @@ IDS = ["5b_i2v", "1.5_i2v"]
 
 
 def tiny(family_cls, frames, **settings):
+    if issubclass(family_cls, CogVideoXImageToVideo):  # its settings have no defaults: conf/model/cogvideox_i2v.yaml's
+        settings = {"buckets": None, "enable_vae_tiling": True, "image_dropout": 0.05, "cache_image_latents": False,
+                    **settings}
     return family_cls(path="tiny", dtype="fp32", height=32, width=32, num_frames=frames, max_sequence_length=16,
                       **settings)
 
@@ -186,14 +189,14 @@ def test_5b_i2v_other_sizes_fail_before_the_model_loads(tmp_path, monkeypatch):
                                         r"only.*model.width=32"):
         build_data(cfg)
     with pytest.raises(DataError, match=r"17 frames of 32x32.*Set model.num_frames=9"):
-        CogVideoXImageToVideo.data_processor(path="tiny", height=32, width=32, num_frames=17)
+        CogVideoXImageToVideo.data_processor(CogVideoXImageToVideo.local_checkpoint("tiny"), height=32, width=32, num_frames=17)
     with pytest.raises(DataError, match=r"model.buckets\[1\]=\[9, 48, 32\]: 9 frames of 48x32.*"
                                         r"Set model.buckets\[1\]=\[9, 32, 32\]"):
-        CogVideoXImageToVideo.data_processor(path="tiny", height=32, width=32, num_frames=9,
+        CogVideoXImageToVideo.data_processor(CogVideoXImageToVideo.local_checkpoint("tiny"), height=32, width=32, num_frames=9,
                                              buckets=[[9, 32, 32], [9, 48, 32]])
-    spec = CogVideoXImageToVideo.data_processor(path="tiny", height=32, width=32, num_frames=9).spec
+    spec = CogVideoXImageToVideo.data_processor(CogVideoXImageToVideo.local_checkpoint("tiny"), height=32, width=32, num_frames=9).spec
     assert spec == VideoSpec(buckets=((9, 32, 32),), conditioning_image=True)
-    spec = CogVideoX15ImageToVideo.data_processor(path="tiny", height=32, width=32, num_frames=17,
+    spec = CogVideoX15ImageToVideo.data_processor(CogVideoX15ImageToVideo.local_checkpoint("tiny"), height=32, width=32, num_frames=17,
                                                   buckets=[[17, 32, 32], [33, 32, 48]]).spec
     assert spec == VideoSpec(buckets=((17, 32, 32), (33, 32, 48)), conditioning_image=True)
 

@@ -237,10 +237,11 @@ def test_tiny_settings_build_their_own_model(tiny_cogvlm):
 
 def test_cogvlm2_recipe_prompt_and_tokenizer_pad(tmp_path):
     from recipes.cogvlm import build_tiny_tokenizer
+    from finetune.run import family_data_processor
     from recipes.cogvlm.family import load_tokenizer
 
     cfg = compose(["recipe=cogvlm2_captcha_lora", "preset=tiny"])
-    processor = CogVLM.data_processor(**{k: v for k, v in cfg.model.items() if k != "_target_"})
+    processor = family_data_processor(cfg.model)  # as the run connects it
     sample = processor.prompt(answer="42")
     tokenizer = processor.tokenizer
     types = sample["token_type_ids"].tolist()

@@ -6,11 +6,11 @@ signature: an unknown key, a value of the wrong type (checked against the parame
 range is reported as `key=value: expected ..., e.g. key=<a valid value>`, all problems of a config at once, before
 the seed is set, the data is read or any weight is loaded. Ranges live where the option is defined: the kit's own
 classes and functions carry `setting_ranges = {"rank": ">=1", ...}`; targets from elsewhere (torch, Lightning)
-have theirs in `OUTSIDE_RANGES` below (the range syntax and the type rules: finetune/setting_types.py).
+have theirs in `OUTSIDE_RANGES` below (the range syntax and the type rules: finetune/settings/types.py).
 
-`check_trainable_modules(cfg)` matches the LoRA targets (`adapter.target_modules` or the family's default) and the
-fully trained `adapter.modules` against the module names of the family's trainable network, built on the meta
-device from its config alone (families that offer `trainable_module_names(**settings)`).
+`check_trainable_modules(cfg, modules)` matches the LoRA targets (`adapter.target_modules` or the family's default)
+and the fully trained `adapter.modules` against the module names of the family's trainable network, built on the meta
+device from its config alone (`finetune.run.trainable_module_names`: families that offer `trainable_module_names`).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import enum
 import inspect
 import re
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.setting_types import Range, annotations_of, as_text, describe, fits, members
+from finetune.settings.types import Range, annotations_of, as_text, describe, fits, members
 
 
 class ConfigError(ValueError):
@@ -184,6 +185,8 @@ def _at(node, path: str):
 
 # Arguments finetune/run.py passes in code, next to the config's.
 GIVEN_IN_CODE = {"trainer": ("default_root_dir", "strategy", "callbacks", "logger")}
+# ... of which these must not be set in the config: the run sets them from other settings.
+SET_BY_THE_RUN = {"model": {"checkpoint": "the local folder of model.path, resolved by the run: set model.path"}}
 
 
 def config_problems(cfg: DictConfig) -> list[str]:
@@ -208,6 +211,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
             continue
         problems += check_node(path, node, target, partial=bool(node.get("_partial_")),
                                given_in_code=GIVEN_IN_CODE.get(path, ()), raw=_at(raw, path))
+        problems += [f"{path}.{key}={as_text(node[key])}: not a setting; it is {why}"
+                     for key, why in SET_BY_THE_RUN.get(path, {}).items() if key in node]
     if isinstance(container.get("module"), dict):  # FinetuneModule(family=..., adapter=..., ..., **cfg.module)
         problems += check_node("module", container["module"], FinetuneModule, partial=True, raw=raw.get("module"))
     return problems
@@ -216,6 +221,35 @@ def config_problems(cfg: DictConfig) -> list[str]:
 def check_config(cfg: DictConfig) -> None:
     """Raise a `ConfigError` naming every problem of the config; nothing has been built yet."""
     problems = config_problems(cfg)
+    if problems:
+        raise ConfigError(_report(problems, "the config"))
+
+
+def choice_problems(hydra_cfg) -> list[str]:
+    """The group choices of a composition (Hydra's `hydra.runtime`) that name no config file or folder: Hydra
+    composes nothing for an `optional` defaults entry whose file is missing, and conf/train.yaml's two preset entries
+    are optional (`preset` names the preset, `preset@_global_` loads conf/preset/<preset>/<model>/<adapter>.yaml),
+    so `preset=tinyy`, or a preset without a file for the recipe's model and adapter, would run without it."""
+    folders = [Path(s["path"]) for s in hydra_cfg.runtime.config_sources if s["schema"] == "file"]
+    problems = []
+    for key, value in hydra_cfg.runtime.choices.items():
+        group = key.split("@")[0]
+        if value is None or "None" in value.split("/") or group.split("/")[0] == "hydra":
+            continue  # not chosen (an interpolated choice of a null group, e.g. no preset, reads None)
+        if not any((f / group / f"{value}.yaml").is_file() or (f / group / value).is_dir() for f in folders):
+            top = value.split("/")[0]
+            known = sorted({p.stem for f in folders for p in (f / group).glob("*")
+                            if p.suffix == ".yaml" or p.is_dir()})
+            hint = (f"one of {', '.join(known)}" if not any((f / group / top).is_dir() for f in folders)
+                    else f"a model and adapter that {group}/{top}/ has a file for")
+            where = ", ".join(map(str, folders))
+            problems.append(f"{key}={value}: no {group}/{value}.yaml in {where}; expected {hint}")
+    return problems
+
+
+def check_choices(hydra_cfg) -> None:
+    """Raise a `ConfigError` naming every group choice that composed nothing (`choice_problems`)."""
+    problems = choice_problems(hydra_cfg)
     if problems:
         raise ConfigError(_report(problems, "the config"))
 
@@ -265,15 +299,13 @@ def _fixed(entries: list[str], bad: set[str], names: list[str]) -> list[str]:
     return list(dict.fromkeys(e for e in fixed if e)) or names[:1]
 
 
-def module_problems(cfg: DictConfig) -> list[str]:
+def module_problems(cfg: DictConfig, modules: dict[str, str] | None) -> list[str]:
     """The LoRA targets (`adapter.target_modules`, or the family's default) and the `adapter.modules` entries that
-    match nothing in the family's trainable network, found on a weightless copy of it."""
+    match nothing in `modules`, the family's trainable network (qualified name -> class name, from a weightless copy
+    of it; None: nothing to check against)."""
     from finetune.adapters import LoRA
 
-    settings = OmegaConf.to_container(cfg.model, resolve=True)
-    family = get_method(settings.pop("_target_"))
-    names_of = getattr(family, "trainable_module_names", None)
-    modules = names_of(**settings) if names_of is not None else None
+    family = get_method(cfg.model._target_)
     if not modules:
         return []
     adapter = OmegaConf.to_container(cfg.adapter, resolve=True)
@@ -310,8 +342,9 @@ def module_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def check_trainable_modules(cfg: DictConfig) -> None:
-    """Raise a `ConfigError` if a LoRA target or `adapter.modules` entry matches nothing (before weights load)."""
-    problems = module_problems(cfg)
+def check_trainable_modules(cfg: DictConfig, modules: dict[str, str] | None) -> None:
+    """Raise a `ConfigError` if a LoRA target or `adapter.modules` entry matches nothing in `modules` (the trainable
+    network's module names, before weights load)."""
+    problems = module_problems(cfg, modules)
     if problems:
         raise ConfigError(_report(problems, "the adapter"))

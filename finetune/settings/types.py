@@ -1,7 +1,7 @@
-"""The vocabulary of `finetune.validate`: which plain config values fit a parameter's annotation, a setting's range,
-and both in words for error messages ("an integer >= 1 or -1", "a list of 2 numbers in [0, 1)").
+"""The vocabulary of `finetune.settings.check`: which plain config values fit a parameter's annotation, a setting's
+range, and both in words for error messages ("an integer >= 1 or -1", "a list of 2 numbers in [0, 1)").
 
-A range (`setting_ranges = {"rank": ">=1"}` on the kit's own classes, `OUTSIDE_RANGES` in finetune/validate.py for
+A range (`setting_ranges = {"rank": ">=1"}` on the kit's own classes, `OUTSIDE_RANGES` in finetune/settings/check.py for
 torch and Lightning) is one or more alternatives joined by " or ": a comparison (`>0`, `>=1`, `<=1`), an interval
 (`[0, 1)`), or one value (`-1`); an alternative may start with `int` or `float` to apply to values of that type only
 (`int >=0 or float [0, 1]`). The range of an option that takes a list of numbers (`betas`) applies to each element.
