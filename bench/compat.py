@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PAIRS = [(d, p) for d in ("0.33.1", "0.34.0", "0.35.2", "0.42.1") for p in ("0.17.1", "0.18.1", "0.20.0", "0.21.2")]
+PAIRS = [(d, p) for d in ("0.33.1", "0.34.0", "0.35.2", "0.42.1") for p in ("0.17.1", "0.18.0", "0.20.0", "0.21.2")]
 # The libraries diffusers < 0.36 needs beside it (they import names transformers 5 removed); newer diffusers run on
 # this environment's own transformers. Pinned to the last 4.x releases, which the users of those diffusers have.
 OLD_STACK = ["transformers==4.57.6", "tokenizers==0.22.2", "huggingface_hub==0.36.0"]

@@ -18,7 +18,7 @@ first from the moment it started the process):
 - model load: `build_module` (the LoRA target check and the tiny model, built if missing, loaded)
 - trainer: callbacks, loggers (W&B's start begins, in the background) and the Trainer
 - fit setup: `trainer.fit` until the encode-once pass (datasets, strategy, optimizers)
-- precompute: the encode-once pass (`FinetuneModule.encode_once`; every sample read from the warm cache)
+- precompute: the encode-once pass (`finetune.cache.EncodeOnce.on_fit_start`; every sample read from the warm cache)
 - first step: the first batch loaded and the first optimizer step taken
 
 The caches (tiny model, demo videos, encoded samples) live in their own folder (`--cache`, default a temporary
@@ -70,16 +70,26 @@ def instrument(run) -> None:
         return trainer, module, datamodule, ckpt_path
 
     run.build = build
-    module_class = run.FinetuneModule
-    if hasattr(module_class, "encode_once"):
-        real_encode_once = module_class.encode_once
+    import finetune.cache as cache
+
+    if hasattr(cache, "EncodeOnce"):  # the encode-once component (a kit from before had FinetuneModule.encode_once)
+        real_start = cache.EncodeOnce.on_fit_start
+
+        def on_fit_start(self, module):
+            mark("fit setup")
+            real_start(self, module)
+            mark("precompute")
+
+        cache.EncodeOnce.on_fit_start = on_fit_start
+    elif hasattr(run.FinetuneModule, "encode_once"):
+        real_encode_once = run.FinetuneModule.encode_once
 
         def encode_once(self, datamodule):
             mark("fit setup")
             real_encode_once(self, datamodule)
             mark("precompute")
 
-        module_class.encode_once = encode_once
+        run.FinetuneModule.encode_once = encode_once
 
 
 class FirstStep:

@@ -95,11 +95,25 @@ class ModelFamily(nn.Module, ABC):
     export_formats: tuple[str, ...] = ()
 
     @classmethod
-    def data_processor(cls, **settings) -> Processor:
-        """What the data must look like, from the constructor's settings it names (and `checkpoint`, the local folder
-        of `model.path` that `local_checkpoint` resolved: `finetune.run.family_data_processor`), before any weights
+    def local_checkpoint(cls) -> str | None:
+        """The local folder of `model.path` (a subclass names the settings it reads, e.g. `path`: a hub id downloaded,
+        `tiny` built once, a folder checked), resolved once per run by `finetune.run.resolve_checkpoint` and handed to
+        `data_processor`, `trainable_module_names` and the constructor as `checkpoint`. None: nothing to resolve."""
+        return None
+
+    @classmethod
+    def data_processor(cls) -> Processor:
+        """What the data must look like, from the constructor's settings it names as parameters (and `checkpoint`,
+        the local folder `local_checkpoint` resolved: `finetune.run.family_data_processor`), before any weights
         load (cheap: configs and tokenizers only). Raises a clear error for settings the model cannot take."""
         return Processor()
+
+    @classmethod
+    def trainable_module_names(cls) -> dict[str, str] | None:
+        """Qualified name -> class name of every submodule of the trainable network, built without weights from the
+        settings it names (e.g. `checkpoint`): what `adapter.target_modules` and `adapter.modules` are checked
+        against before the model loads. None: the family cannot tell before its weights load."""
+        return None
 
     @abstractmethod
     def trainable_module(self) -> nn.Module:

@@ -41,7 +41,7 @@ class FinetuneModule(L.LightningModule):
             accelerator block by block (`finetune.memory.BlockSwap`; single device or DDP).
     """
 
-    setting_ranges = {"blocks_to_swap": ">=0"}  # checked by finetune.validate before anything is built
+    setting_ranges = {"blocks_to_swap": ">=0"}  # checked by finetune.settings before anything is built
 
     def __init__(self, family: ModelFamily, adapter: LoRA | Full, optimizer: Callable,
                  lr_scheduler: Callable | None = None, enable_gradient_checkpointing: bool = False,

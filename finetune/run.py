@@ -54,8 +54,7 @@ def resolve_checkpoint(model_cfg: DictConfig) -> str | None:
     hands it to `data_processor`, `trainable_module_names` and the constructor as `checkpoint`; the config keeps
     the user's `model.path`."""
     family, settings = model_settings(model_cfg)
-    resolve = getattr(family, "local_checkpoint", None)
-    return taking(resolve, settings) if resolve is not None else None
+    return taking(family.local_checkpoint, settings)
 
 
 def _with_checkpoint(model_cfg: DictConfig, checkpoint: str | None) -> tuple[type, dict]:
@@ -75,8 +74,7 @@ def trainable_module_names(model_cfg: DictConfig, checkpoint: str | None = None)
     """Qualified name -> class name of every module of the family's trainable network, on a weightless copy
     (None: a family that cannot tell before its weights load)."""
     family, settings = _with_checkpoint(model_cfg, checkpoint)
-    names_of = getattr(family, "trainable_module_names", None)
-    return taking(names_of, settings) if names_of is not None else None
+    return taking(family.trainable_module_names, settings)
 
 
 def build_family(cfg: DictConfig, checkpoint: str | None = None):

@@ -118,6 +118,18 @@ def test_the_cli_speaks_only_the_family_interface():
     assert not found, "the cogft command reaches past the family interface: " + "; ".join(found)
 
 
+def test_the_engine_asks_a_family_only_through_the_interface():
+    """Nowhere in finetune/ does the engine probe a family with hasattr/getattr: what a family may do is a method of
+    `ModelFamily` with a default."""
+    found = []
+    for path in sorted((REPO / "finetune").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            called = node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else None
+            if called in ("hasattr", "getattr") and node.args and is_family(node.args[0]):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno} {ast.unparse(node)}")
+    assert not found, "the engine probes a family past its interface: " + "; ".join(found)
+
+
 def test_the_interface_check_sees_what_it_forbids():
     tree = ast.parse("def f(family, module):\n    family.pipe.save_pretrained('x')\n    hasattr(family, 'merge')\n"
                      "    module.family.merge_loras([])\n    family_class('cogvlm').lora_names\n")

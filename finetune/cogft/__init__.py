@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the alpha it was trained with, for files that store none (diffusers-example files; CogKit "
                         "files are assumed alpha 64 at rank 128); overrides what the file says")
     p.add_argument("--fold-alpha", action="store_true",
-                   help="fold alpha/rank into lora_B and write no alpha: any loader that reads the key names then "
-                        "applies the trained update at strength 1.0")
+                   help="fold alpha/rank into lora_B (alpha = rank in a diffusers header, no .alpha keys): any "
+                        "loader that reads the key names then applies the trained update at strength 1.0 (the "
+                        "training export's diffusers file is written so)")
     _family_option(p)
 
     p = sub.add_parser("merge", help="fuse LoRAs into the base model and save a full model")

@@ -48,14 +48,26 @@ def compose_recipe(recipe: str, preset: str | None = None, overrides: list[str] 
 
     if recipe not in recipe_names():
         raise SystemExit(f"--recipe {recipe!r}: no conf/recipe/{recipe}.yaml; use one of {', '.join(recipe_names())}.")
+    from omegaconf import open_dict
+
+    from finetune.settings.check import ConfigError, check_choices
+
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=[f"recipe={recipe}"] + ([f"preset={preset}"] if preset else [])
-                       + list(overrides or []))
+        cfg = compose(config_name="train", overrides=[f"recipe={recipe}"] + ([f"preset={preset}"] if preset else [])
+                      + list(overrides or []), return_hydra_config=True)
+    try:  # a preset that composed nothing (`--preset tinyy`) stops here, as it stops train.py
+        check_choices(cfg.hydra)
+    except ConfigError as err:
+        raise SystemExit(f"--recipe {recipe} --preset {preset}: {err}") from None
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def build_family(cfg):
-    """The model family a composed config names (the model loads here)."""
-    from hydra.utils import instantiate
+    """The model family a composed config names (the model loads here), its checkpoint resolved once, as
+    `train.py` builds it (`finetune.run.build_family`)."""
+    from finetune.run import build_family as build
 
-    return instantiate(cfg.model)
+    return build(cfg)

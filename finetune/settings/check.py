@@ -314,7 +314,7 @@ def module_problems(cfg: DictConfig, modules: dict[str, str] | None) -> list[str
     kind = get_method(adapter["_target_"])
     if inspect.isclass(kind) and issubclass(kind, LoRA):
         given = adapter.get("target_modules")
-        targets = list(given or getattr(family, "lora_target_modules", ()) or ())
+        targets = list(given or family.lora_target_modules or ())
         key = f"adapter.target_modules={as_text(given)}" if given else \
             f"adapter.target_modules=null ({family.__name__}.lora_target_modules={as_text(targets)})"
         lora_names = _short_names(modules, lora=True)

@@ -100,9 +100,28 @@ def test_load_adapter_starts_from_the_export(trained):
     module.family.eval(), fresh.family.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh.family.transformer(**inputs)[0], module.family.transformer(**inputs)[0])
+    # the trained weights themselves come back: alpha / rank = 2 folded into lora_B is undone bitwise
+    assert fresh.trainable_state_dict().keys() == module.trainable_state_dict().keys()
+    for name, value in module.trainable_state_dict().items():
+        assert torch.equal(fresh.trainable_state_dict()[name], value), name
+    assert fresh.family.transformer.peft_config["default"].lora_alpha == 8
     other = FinetuneModule(tiny_family(), LoRA(rank=2, alpha=8), optimizer=lambda p: torch.optim.AdamW(p))
     with pytest.raises(ValueError, match="trained with other settings; pass adapter.rank=4"):
         other.family.load_adapter(out, other.adapter)
+    other = FinetuneModule(tiny_family(), LoRA(rank=4, alpha=4), optimizer=lambda p: torch.optim.AdamW(p))
+    with pytest.raises(ValueError, match="trained with other settings; pass adapter.alpha=8"):
+        other.family.load_adapter(out, other.adapter)
+
+
+def test_load_adapter_with_alpha_over_rank_not_a_power_of_two(tmp_path):
+    """alpha / rank = 1.5: unfolding lora_B costs at most one fp32 rounding (docs/lora-formats.md)."""
+    module = FinetuneModule(tiny_family(), LoRA(rank=4, alpha=6), optimizer=lambda p: torch.optim.AdamW(p))
+    perturb_trainable(module)
+    module.family.export(tmp_path, module.adapter)
+    fresh = FinetuneModule(tiny_family(), LoRA(rank=4, alpha=6), optimizer=lambda p: torch.optim.AdamW(p))
+    fresh.family.load_adapter(tmp_path, fresh.adapter)
+    for name, value in module.trainable_state_dict().items():
+        torch.testing.assert_close(fresh.trainable_state_dict()[name], value, rtol=1.2e-7, atol=0)
 
 
 def test_full_export_loads_back(tiny_cogvideox, tmp_path):
@@ -118,3 +137,38 @@ def test_full_export_loads_back(tiny_cogvideox, tmp_path):
     inputs = transformer_inputs(module.family)
     with torch.no_grad():
         torch.testing.assert_close(fresh.family.transformer(**inputs)[0], module.family.transformer(**inputs)[0])
+
+
+# The fields of `peft.LoraConfig` in peft 0.18.0, the kit's lower pin (`dataclasses.fields(LoraConfig)` of that
+# release, read in a venv with it installed). diffusers >= 0.34 calls `LoraConfig(**lora_adapter_metadata)`
+# unfiltered: a header field the user's peft lacks raises TypeError (peft 0.20 has no `kasa_config`).
+PEFT_0_18_0_LORA_FIELDS = {
+    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path", "bias",
+    "corda_config", "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode",
+    "init_lora_weights", "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha",
+    "lora_bias", "lora_dropout", "megatron_config", "megatron_core", "modules_to_save", "peft_type", "peft_version",
+    "qalora_group_size", "r", "rank_pattern", "revision", "runtime_config", "target_modules", "target_parameters",
+    "task_type", "trainable_token_indices", "use_dora", "use_qalora", "use_rslora"}
+
+
+def test_export_header_fields_are_known_to_the_oldest_supported_peft(trained, tmp_path):
+    """Every field the export (and `cogft convert --to diffusers`) writes into `lora_adapter_metadata` is one
+    peft 0.18.0's LoraConfig takes, and 0.18 is what pyproject.toml pins as the lowest peft."""
+    import re
+
+    from conftest import REPO
+
+    from finetune.cogft import run as cogft
+
+    pin = re.search(r'"peft>=([\d.]+)', (REPO / "pyproject.toml").read_text())[1]
+    assert pin == "0.18", "the recorded field set is peft 0.18.0's: record the new lower pin's fields"
+    _, _, path = trained
+    converted = cogft(["convert", str(path), str(tmp_path / "c.safetensors"), "--to", "diffusers"])
+    for file in (path, converted):
+        with safe_open(str(file), "pt") as f:
+            meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        fields = {key.removeprefix("transformer.") for key in meta}
+        assert fields and fields <= PEFT_0_18_0_LORA_FIELDS, fields - PEFT_0_18_0_LORA_FIELDS
+        from peft import LoraConfig
+
+        LoraConfig(**{key.removeprefix("transformer."): value for key, value in meta.items()})  # and this peft
