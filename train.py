@@ -1,6 +1,8 @@
 """Train a recipe: `python train.py recipe=cogvideox_lora [preset=tiny] [key=value ...]`.
 
-Composes the config (conf/), builds the objects it names and connects them (finetune/run.py).
+Composes the config (conf/), builds the objects it names and connects them (finetune/run.py). A mistake (a setting,
+the data, a path) is printed as one line, `error: ...`, with exit status 1; `debug=true` or HYDRA_FULL_ERROR=1 shows
+the traceback (finetune/console.py).
 """
 
 import hydra
@@ -9,10 +11,14 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from finetune.console import user_errors
     from finetune.run import train
 
-    train(cfg)
+    with user_errors(debug=bool(cfg.get("debug", False))):
+        train(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    from finetune.console import main as run
+
+    run(main)

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 from finetune.atomic import atomic_path
+from finetune.errors import UserError
 from finetune.guards import TrainingFailed
 
 
@@ -83,7 +84,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
                                   f"checkpoints/last.ckpt).") from None
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: unreadable, or written for something else."""
 
 

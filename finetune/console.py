@@ -8,8 +8,12 @@ step bar). Every other warning still shows.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import warnings
+from typing import Callable
 
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 
@@ -48,3 +52,94 @@ def quiet_known_warnings() -> None:
 def _drop_litlogger_tip(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(LITLOGGER_TIP)
 
+
+
+# -- user errors: one line, no traceback (finetune/errors.py) -------------------------------------------------------
+TRACEBACK_ENV = "COGFT_TRACEBACK"  # set by `main` when the user asked for tracebacks (HYDRA_FULL_ERROR=1)
+
+
+@contextlib.contextmanager
+def user_errors(debug: bool = False):
+    """A `finetune.errors.UserError` raised inside is printed as `error: <message>` and ends the process with status
+    1; with `debug` (or HYDRA_FULL_ERROR=1 given by the user) it propagates with its traceback."""
+    from finetune.errors import UserError
+
+    try:
+        yield
+    except UserError as err:
+        if debug or os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.flush()
+        raise SystemExit(1) from None
+
+
+def main(hydra_main: Callable[[], None], argv: list[str] | None = None) -> None:
+    """Run a `@hydra.main` function so that a mistake on the command line reads as one line too: Hydra is told to
+    raise its composition errors (HYDRA_FULL_ERROR), and an unknown key gets the kit's own hint, a setting of the
+    composed config with a similar name, instead of Hydra's advice to add it with `+`. Other errors keep their
+    traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1" or any(
+        a.lstrip("+") in ("debug=true", "debug=True") for a in argv)
+    os.environ[TRACEBACK_ENV] = "1" if wants_traceback else "0"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    try:
+        hydra_main()
+    except (ConfigCompositionException, OverrideParseException) as err:
+        if wants_traceback:
+            raise
+        sys.stderr.write(f"error: {composition_message(err, argv)}\n")
+        raise SystemExit(1) from None
+
+
+def composition_message(err: Exception, argv: list[str]) -> str:
+    """Hydra's message, or for `Could not override 'a.b'` (no such key) the settings with a similar name."""
+    import difflib
+    import re
+
+    text = str(err).strip()
+    if err.__cause__ is not None and str(err.__cause__) not in text:
+        text += f" ({str(err.__cause__).splitlines()[0]})"
+    match = re.match(r"Could not override '([^']+)'", text)
+    if not match:  # e.g. "Could not find 'strategy/fsdpp'" with the available options, one per line
+        lines = [line.strip() for line in text.split("Config search path")[0].splitlines() if line.strip()]
+        head, rest = lines[0], lines[1:]
+        if rest and rest[0].endswith(":"):
+            return f"{head}; {rest[0]} {', '.join(rest[1:])}"
+        return "; ".join([head, *rest])
+    key = match[1]
+    given = next((a for a in argv if a.split("=", 1)[0].lstrip("~") == key), key)
+    keys = composed_keys([a for a in argv if a is not given and not a.startswith(("-", "hydra."))])
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.75)
+    parent = key.rpartition(".")[0]
+    siblings = sorted(k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent)
+    hint = (f"did you mean {' or '.join(close)}?" if close else
+            f"{parent or 'the config'} has {', '.join(siblings[:12])}{' ...' if len(siblings) > 12 else ''}"
+            if siblings else "no setting is near it")
+    return (f"{given}: the config has no setting {key}; {hint} (`python train.py <same arguments> --cfg job` prints "
+            f"every setting)")
+
+
+def composed_keys(overrides: list[str]) -> list[str]:
+    """Every leaf key of the config `train.py` composes with `overrides` (empty when that fails too)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from finetune.cogft.config import conf_dir
+
+    def leaves(node, prefix=""):
+        for name, value in node.items():
+            path = f"{prefix}{name}"
+            yield from leaves(value, path + ".") if isinstance(value, dict) else [path]
+
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+        return list(leaves(OmegaConf.to_container(cfg, resolve=False)))
+    except Exception:  # the other overrides are broken as well: no hint rather than a second error
+        return []

@@ -15,8 +15,10 @@ from typing import Any, Hashable
 import lightning as L
 import torch
 
+from finetune.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad training data or settings, found before any expensive work starts. The message names the file or
     option, the value and the fix."""
 

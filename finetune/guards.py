@@ -15,8 +15,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from finetune.errors import UserError
 
-class TrainingFailed(RuntimeError):
+
+class TrainingFailed(UserError, RuntimeError):
     """The run produced nothing useful; the message says why and what to do."""
 
 

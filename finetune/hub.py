@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from finetune.atomic import atomic_path
+from finetune.errors import ModelPathError
 
 
 def cache_root() -> Path:
@@ -30,18 +31,18 @@ def resolve_pretrained(path: str, *, family: str, build_tiny: Callable[[Path], N
     local = Path(path).expanduser()
     if local.exists():
         if not (local / marker).exists():
-            raise FileNotFoundError(
+            raise ModelPathError(
                 f"model.path={path!r} exists but has no {marker}: it is not a {family} checkpoint in "
                 f"the diffusers/transformers layout. Point model.path at the folder that holds {marker}.")
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise FileNotFoundError(f"model.path={path!r}: no such directory. {_how_to(family, '<repo>')}")
+        raise ModelPathError(f"model.path={path!r}: no such directory. {_how_to(family, '<repo>')}")
     from huggingface_hub import snapshot_download
 
     try:
         return snapshot_download(path, allow_patterns=None)
     except Exception as err:  # offline, unknown repo, gated repo, no disk: all say the same thing
-        raise FileNotFoundError(
+        raise ModelPathError(
             f"model.path={path!r}: the weights could not be reached ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}). {_how_to(family, path)}") from None
 
@@ -79,3 +80,32 @@ def _how_to(family: str, repo: str) -> str:
     return (f"Download the checkpoint on a machine with network access (`hf download "
             f"{repo} --local-dir DIR`) and pass model.path=DIR, or run the offline demo with "
             f"preset=tiny (a tiny random {family} built locally).")
+
+
+def check_weight_files(folder: str | os.PathLike, setting: str) -> None:
+    """Every `.safetensors` file under a checkpoint folder is whole: its header parses and the tensors it lists end
+    within the file. Read before any weight loads (8 bytes and the JSON header per file), so a truncated download
+    stops the run with the file, its size and the fix, not with a loader's error halfway through loading."""
+    import json
+
+    for file in sorted(Path(folder).rglob("*.safetensors")):
+        size = file.stat().st_size
+        problem = None
+        try:
+            with open(file, "rb") as handle:
+                head = handle.read(8)
+                length = int.from_bytes(head, "little") if len(head) == 8 else None
+                if length is None or 8 + length > size:
+                    problem = f"{size} bytes, shorter than its own header"
+                else:
+                    header = json.loads(handle.read(length))
+                    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
+                              default=0)
+                    if 8 + length + end > size:
+                        problem = f"{size} bytes, while its header lists tensors up to byte {8 + length + end}"
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
+            problem = f"{size} bytes with an unreadable header ({type(err).__name__})"
+        if problem:
+            raise ModelPathError(f"{setting}: {file} is damaged ({problem}): an interrupted download or copy. "
+                                 f"Download or copy that file again (e.g. `hf download REPO --local-dir DIR`), then "
+                                 f"run again.")

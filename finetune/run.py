@@ -18,7 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.checkpointing import run_identity
 from finetune.console import quiet_known_warnings
 from finetune.module import FinetuneModule
-from finetune.settings.check import check_choices, check_config, check_trainable_modules
+from finetune.errors import PathSettingError, RunDirError
+from finetune.hub import check_weight_files
+from finetune.settings.check import ConfigError, check_choices, check_config, check_trainable_modules
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
@@ -28,7 +30,7 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if not path.exists():  # a file, or a folder (deepspeed, fsdp2 with save_distributed_checkpoint=true)
         hint = ("pass run_dir=<the interrupted run's directory> with ckpt_path=last"
                 if ckpt_path == "last" else "check the path")
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: {path} does not exist; {hint}.")
+        raise PathSettingError(f"ckpt_path={ckpt_path!r}: {path} does not exist; {hint}.")
     return str(path)
 
 
@@ -54,7 +56,10 @@ def resolve_checkpoint(model_cfg: DictConfig) -> str | None:
     hands it to `data_processor`, `trainable_module_names` and the constructor as `checkpoint`; the config keeps
     the user's `model.path`."""
     family, settings = model_settings(model_cfg)
-    return taking(family.local_checkpoint, settings)
+    folder = taking(family.local_checkpoint, settings)
+    if folder is not None:  # a truncated weight file stops the run here, named, before any weight loads
+        check_weight_files(folder, f"model.path={settings.get('path')!r}")
+    return folder
 
 
 def _with_checkpoint(model_cfg: DictConfig, checkpoint: str | None) -> tuple[type, dict]:
@@ -116,7 +121,7 @@ def build(cfg: DictConfig, checked: bool = False) -> tuple[L.Trainer, FinetuneMo
     module = build_module(cfg, checkpoint)
     if cfg.get("adapter_path"):  # an export (family.export) as the weights, e.g. with mode=test
         if ckpt_path:
-            raise ValueError("pass ckpt_path or adapter_path, not both: a checkpoint already holds the adapter")
+            raise ConfigError("pass ckpt_path or adapter_path, not both: a checkpoint already holds the adapter")
         module.family.load_adapter(cfg.adapter_path, module.adapter)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     logger = instantiate(cfg.logger) if cfg.logger else False  # conf/logger/none.yaml: no logger
@@ -139,7 +144,7 @@ def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> list
     (`ckpt_path`) or when asked (`overwrite=true`, which removes those outputs first). Returns what was there."""
     found = sorted(name for name in RUN_OUTPUTS if (run_dir / name).exists())
     if found and not ckpt_path and not overwrite:
-        raise FileExistsError(
+        raise RunDirError(
             f"run_dir={run_dir} already holds a run ({', '.join(found)}). Resume it with ckpt_path=last, choose "
             f"another run_dir (the default is a new timestamped folder), or pass overwrite=true to replace it.")
     if found and overwrite and not ckpt_path:

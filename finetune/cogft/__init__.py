@@ -13,7 +13,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from finetune.errors import UserError
 
 from .config import model_names, recipe_names
 
@@ -106,9 +109,12 @@ def run(argv: list[str]):
     quiet_known_warnings()
     try:
         return _dispatch(args)
-    except (FileNotFoundError, ValueError, NotImplementedError) as err:  # bad input, or what the recipe's family
-        # cannot do (`ModelFamily`'s defaults): the message names the file, value or method and the fix
-        raise SystemExit(f"cogft {args.command}: {err}") from None
+    except (UserError, FileNotFoundError, ValueError, NotImplementedError) as err:  # bad input (the kit's user
+        # errors, finetune/errors.py), or what the recipe's family cannot do (`ModelFamily`'s defaults): the message
+        # names the file, value or method and the fix; HYDRA_FULL_ERROR=1 shows the traceback
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(f"error: cogft {args.command}: {err}") from None
 
 
 def _dispatch(args):

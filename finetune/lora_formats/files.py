@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from finetune.errors import UserError
+
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 PEFT_FILE, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 COGKIT_RANK, COGKIT_ALPHA = 128, 64  # CogKit (and the official CogVideo finetune) hard-code these, saving neither
@@ -25,7 +27,7 @@ SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_down.weight": "
             ".alpha": "alpha"}
 
 
-class LoraFileError(ValueError):
+class LoraFileError(UserError, ValueError):
     """A LoRA file that cannot be read or converted as asked; the message names the file and the fix."""
 
 
@@ -364,7 +366,7 @@ TRAINED_KEY = "cogft_trained"
 def diffusers_tensors(adapter: Adapter, names: LoraNames, fold: bool = False,
                       targets: list[str] | None = None, trained: dict | None = None) -> tuple[dict, dict]:
     """Keys `transformer.<module>.lora_A/B.weight` and a `lora_adapter_metadata` header of the fields every supported
-    peft's `LoraConfig` takes (`r`, `lora_alpha`, `target_modules`, and the rank/alpha patterns when not uniform).
+    peft's `LoraConfig` takes (`r`, `lora_alpha`, `target_modules`, `rank_pattern`, `alpha_pattern`).
     `fold`: alpha/rank multiplied into lora_B and the header's alpha set to the rank, so every loader -- diffusers
     0.33, which never reads the header, included -- applies the trained update at strength 1; the trained rank and
     alpha are kept under `TRAINED_KEY`. `targets`: the header's `target_modules` (default: every module's name).
@@ -377,11 +379,11 @@ def diffusers_tensors(adapter: Adapter, names: LoraNames, fold: bool = False,
         tensors[f"{names.prefix}{module}.lora_B.weight"] = m.B
     rank = _most_common([m.rank for m in adapter.modules.values()])
     alpha = _most_common([m.alpha for m in adapter.modules.values()])
-    config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets or adapter.modules)}
-    rank_pattern = {n: m.rank for n, m in adapter.modules.items() if m.rank != rank}
-    alpha_pattern = {n: m.alpha for n, m in adapter.modules.items() if m.alpha != alpha}
-    config.update({"rank_pattern": rank_pattern} if rank_pattern else {})
-    config.update({"alpha_pattern": alpha_pattern} if alpha_pattern else {})
+    # diffusers 0.34-0.35 read `rank_pattern` and `alpha_pattern` from the header unconditionally (KeyError
+    # without them, `bench/compat.py`): always written, empty when uniform
+    config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets or adapter.modules),
+              "rank_pattern": {n: m.rank for n, m in adapter.modules.items() if m.rank != rank},
+              "alpha_pattern": {n: m.alpha for n, m in adapter.modules.items() if m.alpha != alpha}}
     prefix = names.prefix.rstrip(".")
     header = {"format": "pt",
               "lora_adapter_metadata": json.dumps({f"{prefix}.{k}": v for k, v in config.items()}, indent=2,

@@ -26,17 +26,18 @@ from typing import Any, Literal
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.errors import UserError
 from finetune.settings.types import Range, annotations_of, as_text, describe, fits, members
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Settings that cannot work (unknown key, wrong type, out of range), found before anything is built.
     The message lists every problem, one per line, each with the key, the value and a valid example."""
 
 
 def run_settings(name: str = "run", run_dir: str = "outputs/run", seed: int = 42,
                  mode: Literal["fit", "test"] = "fit", ckpt_path: str | None = None, adapter_path: str | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, debug: bool = False):
     """The top-level settings of conf/train.yaml (the schema only: top-level keys not named here are not checked,
     the groups are checked against their own targets)."""
 

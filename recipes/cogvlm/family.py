@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from finetune.adapters import LoRA, merged_state_dict
+from finetune.settings.check import ConfigError
 from finetune.family import Evaluation, GenerationRequest, ModelFamily, Sample, parse_dtype
 from finetune.hub import resolve_pretrained
 
@@ -47,7 +48,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 def lora_target_modules(names) -> tuple[str, ...]:
     unknown = [name for name in names if name not in LORA_TARGETS]
     if unknown or not names:
-        raise ValueError(f"model.lora_targets={list(names)}: unknown {unknown or 'empty list'}; use some of "
+        raise ConfigError(f"model.lora_targets={list(names)}: unknown {unknown or 'empty list'}; use some of "
                          f"{sorted(LORA_TARGETS)}.")
     return tuple(target for name in names for target in LORA_TARGETS[name])
 
@@ -70,7 +71,7 @@ def resolve_model(path: str, tiny: dict | None = None) -> str:
     tiny = _plain(tiny or {})
     unknown = sorted(set(tiny) - TINY_KEYS - set(CogVLMConfig.__dataclass_fields__))
     if unknown:
-        raise ValueError(f"model.tiny has unknown keys {unknown}: use tiny_cogvlm_config's arguments "
+        raise ConfigError(f"model.tiny has unknown keys {unknown}: use tiny_cogvlm_config's arguments "
                          f"({', '.join(sorted(TINY_KEYS))}) or CogVLMConfig fields, "
                          f"e.g. model.tiny.initializer_range=0.1")
     family = "cogvlm"

@@ -16,7 +16,9 @@ from torch import nn
 from finetune.adapters import LoRA
 from finetune.cache import files_fingerprint
 from finetune.family import GenerationRequest, ModelFamily, Sample
-from finetune.lora_formats.files import LoraNames
+from finetune.errors import PathSettingError
+from finetune.lora_formats.files import LoraFileError, LoraNames
+from finetune.settings.check import ConfigError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -28,7 +30,7 @@ def base_quantization(quantize_base: str | None, compute_dtype: torch.dtype):
     if quantize_base is None:
         return None
     if quantize_base != "nf4":
-        raise ValueError(f"model.quantize_base={quantize_base!r}: use nf4 (QLoRA: a 4-bit NormalFloat base through "
+        raise ConfigError(f"model.quantize_base={quantize_base!r}: use nf4 (QLoRA: a 4-bit NormalFloat base through "
                          f"bitsandbytes) or null (the base in model.dtype).")
     if not torch.cuda.is_available():
         raise RuntimeError("model.quantize_base=nf4 (QLoRA) needs a CUDA GPU: diffusers quantizes with bitsandbytes "
@@ -155,7 +157,7 @@ class DiffusersFamily(ModelFamily):
         if isinstance(adapter, LoRA):
             file = next((f for f in (path / self.lora_file_name(), path) if f.is_file()), None)
             if file is None:
-                raise FileNotFoundError(f"adapter_path={str(path)!r} has no {self.lora_file_name()}: pass the "
+                raise PathSettingError(f"adapter_path={str(path)!r} has no {self.lora_file_name()}: pass the "
                                         f"export folder of a LoRA run of this recipe (run_dir/export).")
             self.load_lora_file(file, adapter.adapter_name)
         else:
@@ -163,7 +165,7 @@ class DiffusersFamily(ModelFamily):
 
             weights = path / "transformer" / "diffusion_pytorch_model.safetensors"
             if not weights.is_file():
-                raise FileNotFoundError(f"adapter_path={str(path)!r} has no {weights.relative_to(path)}: pass the "
+                raise PathSettingError(f"adapter_path={str(path)!r} has no {weights.relative_to(path)}: pass the "
                                         f"export folder of a full-finetune run (adapter=full) of this recipe.")
             result = self.transformer.load_state_dict(load_state_dict(str(weights)), strict=False)
             if result.missing_keys or result.unexpected_keys:
@@ -273,10 +275,10 @@ class DiffusersFamily(ModelFamily):
                   (("r", "adapter.rank"), ("lora_alpha", "adapter.alpha"), ("target_modules", "adapter.target_modules"))
                   if name in metadata and _normal(metadata[name]) != _normal(getattr(current, name))]
         if differ:
-            raise ValueError(f"the LoRA in {file} was trained with other settings; pass {' '.join(differ)}.")
+            raise LoraFileError(f"the LoRA in {file} was trained with other settings; pass {' '.join(differ)}.")
         result = set_peft_model_state_dict(self.transformer, state, adapter_name=adapter_name)
         if result.unexpected_keys:
-            raise ValueError(f"{file}: {len(result.unexpected_keys)} tensors fit no module, e.g. "
+            raise LoraFileError(f"{file}: {len(result.unexpected_keys)} tensors fit no module, e.g. "
                              f"{result.unexpected_keys[0]}; it was exported from another model.")
 
     # -- validation samples -----------------------------------------------------------------------

@@ -47,7 +47,8 @@ def test_export_writes_diffusers_keys_and_metadata(trained):
     assert any(".attn1.to_q.lora_A.weight" in k for k in keys) and any("to_out.0.lora_B" in k for k in keys)
     # diffusers stores the adapter config per component, keys prefixed with the component name. alpha/rank (2) is
     # folded into lora_B and the header says alpha = rank, so every loader applies strength 1 (docs/lora-formats.md)
-    assert meta == {"transformer.r": 4, "transformer.lora_alpha": 4.0,
+    assert meta == {"transformer.r": 4, "transformer.lora_alpha": 4.0, "transformer.rank_pattern": {},
+                    "transformer.alpha_pattern": {},  # diffusers 0.34-0.35 fail without the two patterns
                     "transformer.target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}
     assert json.loads(header["cogft_trained"]) == {"rank": 4, "alpha": 8.0, "lora_B": "multiplied by alpha / rank"}
     trained_b = {n: p for n, p in module.family.transformer.named_parameters() if "lora_B" in n}
