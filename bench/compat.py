@@ -174,14 +174,14 @@ def markdown(rows: list[dict], pairs: list[tuple[str, str]]) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", default=",".join(f"{d}:{p}" for d, p in PAIRS),
                         help="diffusers:peft pairs, comma-separated")
     parser.add_argument("--work", default=None, help="where exports and venvs go (default: <kit cache>/compat)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     from finetune.hub import cache_root
 
     work = Path(args.work) if args.work else cache_root() / "compat"

@@ -38,6 +38,8 @@ def wandb_logger(save_dir: str, project: str = "cog-finetune", name: str | None 
     respects `WANDB_MODE`)."""
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_credentials_present() else "offline")
+        # W&B's older name for offline, which Lightning's WandbLogger itself writes into WANDB_MODE for an offline run
+        mode = "offline" if mode == "dryrun" else mode
     if mode not in ("online", "offline", "disabled"):
         raise ValueError(f"logger.mode={mode!r}: use auto, online, offline or disabled")
     os.environ.setdefault("WANDB_SILENT", "true")

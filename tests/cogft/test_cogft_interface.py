@@ -53,7 +53,7 @@ def test_interface_defaults_say_what_the_family_cannot_do(tmp_path):
 
 def test_merge_with_a_family_that_cannot_merge_stops_with_the_reason(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "build_family", lambda cfg: Bare())
-    with pytest.raises(SystemExit, match=r"^cogft merge: Bare does not say which folder"):
+    with pytest.raises(SystemExit, match=r"^error: cogft merge: Bare does not say which folder"):
         cogft(["merge", "--recipe", "cogvideox_lora", "--preset", "tiny", "--lora", "x", "--out", str(tmp_path)])
 
 
@@ -92,6 +92,6 @@ def test_cogvlm_reads_images_and_asks_for_them(tiny_cogvlm, tmp_path):
     assert [s.data for s in samples] == expected
     assert [s.data for s in family.generate([GenerationRequest("", red)] * 3, seed=0, batch_size=2)] == \
         predict_images(family.model, family.processor, [red] * 3)
-    with pytest.raises(SystemExit, match=r"^cogft generate: CogVLM reads images: request 0 has none.*--image"):
+    with pytest.raises(SystemExit, match=r"^error: cogft generate: CogVLM reads images: request 0 has none.*--image"):
         cogft(["generate", "--recipe", "cogvlm_captcha_lora", "--preset", "tiny", "--prompt", "CAPTCHA:",
                "--out", str(tmp_path / "out")])

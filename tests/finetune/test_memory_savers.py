@@ -7,6 +7,7 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import compose
 from test_cogvideox_objective import fixed_batch, tiny_family
 
 from finetune.adapters import LoRA
@@ -146,17 +147,20 @@ def test_savers_through_the_config_train_export_and_sample(tmp_path):
 
 
 # -- QLoRA (model.quantize_base=nf4): what a CPU can check; the training run is in tests/test_gpu.py ------------------
-@pytest.mark.parametrize("family", ["recipes.cogview.cogview4.CogView4", "recipes.cogvideox.family.CogVideoX",
-                                    "recipes.cogvideox.i2v.CogVideoX15ImageToVideo"])
-def test_quantize_base_is_checked_before_any_weight_loads(monkeypatch, family):
+@pytest.mark.parametrize("recipe", ["cogview4_lora", "cogvideox_lora", "cogvideox15_i2v_lora"])
+def test_quantize_base_is_checked_before_any_weight_loads(monkeypatch, recipe):
     """A bad value, a machine without CUDA, and a missing bitsandbytes each stop the family before it resolves its
     checkpoint (a path that does not exist would fail there otherwise), naming the setting and the fix."""
-    import importlib
+    import functools
+
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
 
     from recipes.diffusion.pipeline import base_quantization
 
-    module, name = family.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module), name)
+    settings = OmegaConf.to_container(compose([f"recipe={recipe}"]).model, resolve=True)
+    family = get_class(settings.pop("_target_"))
+    cls = functools.partial(family, **{k: v for k, v in settings.items() if k not in ("path", "quantize_base")})
     assert base_quantization(None, torch.bfloat16) is None
     with pytest.raises(ValueError, match=r"model.quantize_base='int3': use nf4 .* or null"):
         cls(path="/nowhere/checkpoint", quantize_base="int3")

@@ -286,3 +286,14 @@ def test_the_atomic_helper_puts_a_file_or_folder_in_place_whole_or_leaves_nothin
         (tmp / "done").write_text("ok")
     assert [p.name for p in folder.iterdir()] == ["done"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry.bin", "model"]
+
+
+def test_wandb_dryrun_in_the_environment_means_offline(tmp_path, monkeypatch):
+    """Lightning's WandbLogger writes WANDB_MODE=dryrun (W&B's old name for offline) into the environment of an
+    offline run: a later logger in the process, or a user with that setting, logs offline instead of failing."""
+    from finetune.loggers import wandb_logger
+
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    logger = wandb_logger(save_dir=str(tmp_path), mode="auto")
+    logger.experiment.finish()
+    assert logger._offline
