@@ -72,24 +72,20 @@ def instrument(run) -> None:
     run.build = build
     import finetune.cache as cache
 
+    def between_marks(owner, name: str) -> None:
+        real = getattr(owner, name)
+
+        def marked(self, *args):
+            mark("fit setup")
+            real(self, *args)
+            mark("precompute")
+
+        setattr(owner, name, marked)
+
     if hasattr(cache, "EncodeOnce"):  # the encode-once component (a kit from before had FinetuneModule.encode_once)
-        real_start = cache.EncodeOnce.on_fit_start
-
-        def on_fit_start(self, module):
-            mark("fit setup")
-            real_start(self, module)
-            mark("precompute")
-
-        cache.EncodeOnce.on_fit_start = on_fit_start
+        between_marks(cache.EncodeOnce, "on_fit_start")
     elif hasattr(run.FinetuneModule, "encode_once"):
-        real_encode_once = run.FinetuneModule.encode_once
-
-        def encode_once(self, datamodule):
-            mark("fit setup")
-            real_encode_once(self, datamodule)
-            mark("precompute")
-
-        run.FinetuneModule.encode_once = encode_once
+        between_marks(run.FinetuneModule, "encode_once")
 
 
 class FirstStep:

@@ -123,13 +123,19 @@ def composition_message(err: Exception, argv: list[str]) -> str:
             f"every setting)")
 
 
+def conf_dir():
+    """The kit's configs: the folder of the installed `conf` package (package data of cog-finetune)."""
+    from importlib.resources import files
+    from pathlib import Path
+
+    return Path(str(files("conf")))
+
+
 def composed_keys(overrides: list[str]) -> list[str]:
     """Every leaf key of the config `train.py` composes with `overrides` (empty when that fails too)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
-
-    from finetune.cogft.config import conf_dir
 
     def leaves(node, prefix=""):
         for name, value in node.items():

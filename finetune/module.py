@@ -6,7 +6,6 @@ from typing import Callable, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
 from finetune import rng
 from finetune.adapters import Full, LoRA

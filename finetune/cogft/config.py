@@ -8,10 +8,10 @@ from pathlib import Path
 
 def conf_dir() -> Path:
     """The folder of the installed `conf` package (the kit's configs, package data of cog-finetune)."""
-    from importlib.resources import files
+    from finetune.console import conf_dir as installed
 
     try:
-        return Path(str(files("conf")))
+        return installed()
     except ModuleNotFoundError:
         raise SystemExit("the kit's configs (the `conf` package) are not installed: run `pip install -e .` in the "
                          "cog-finetune checkout.") from None

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.lora_formats.files import LoraFileError, read_lora_file, to_adapter, trained_record, write_adapter
+from finetune.lora_formats.files import LoraFileError, read_lora_file, to_adapter, trained_record
+from finetune.lora_formats.writing import write_adapter
 from finetune.lora_formats.loaders import describe
 
 from .config import family_class

@@ -137,7 +137,8 @@ class DiffusersFamily(ModelFamily):
         the fields every supported peft takes (alpha = rank), the trained rank and alpha kept beside it: diffusers
         0.33 (which ignores the header), 0.34+ with any peft >= the kit's pin, ComfyUI-CogVideoXWrapper and PEFT all
         apply the trained update at strength 1 (docs/lora-formats.md#the-default-export; `bench/compat.py`)."""
-        from finetune.lora_formats.files import from_peft_state, write_adapter
+        from finetune.lora_formats.files import from_peft_state
+        from finetune.lora_formats.writing import write_adapter
 
         state, config = self.lora_state(adapter_name)
         return write_adapter(from_peft_state(state, config), Path(directory) / LORA_FILE, "diffusers",
@@ -181,8 +182,9 @@ class DiffusersFamily(ModelFamily):
     export_formats = ("diffusers",)
 
     def export_format(self, directory: str | os.PathLike, adapter, fmt: str) -> Path:
-        """The trained LoRA as `fmt` (`finetune.lora_formats.files.FORMATS`: comfy, kohya) beside the diffusers file."""
-        from finetune.lora_formats.files import from_peft_state, write_adapter
+        """The trained LoRA as `fmt` (`finetune.lora_formats.writing.FORMATS`: comfy, kohya) beside the diffusers file."""
+        from finetune.lora_formats.files import from_peft_state
+        from finetune.lora_formats.writing import write_adapter
 
         if fmt not in self.export_formats or not isinstance(adapter, LoRA):
             return super().export_format(directory, adapter, fmt)
@@ -259,7 +261,8 @@ class DiffusersFamily(ModelFamily):
         from peft.utils import set_peft_model_state_dict
         from safetensors import safe_open
 
-        from finetune.lora_formats.files import trained_record, unfold_alpha
+        from finetune.lora_formats.files import trained_record
+        from finetune.lora_formats.writing import unfold_alpha
 
         with safe_open(str(file), framework="pt") as f:
             raw = f.metadata() or {}
