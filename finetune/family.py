@@ -165,10 +165,12 @@ class ModelFamily(nn.Module, ABC):
                                   f"evaluate a training checkpoint with ckpt_path instead")
 
     # -- what the `cogft` command asks (merge, generate, push) ----------------------------------------
-    def merge_loras(self, loras: list[tuple[str, float]]) -> list[dict]:
+    def merge_loras(self, loras: list[tuple[str, float]], blend_full_modules: bool = False) -> list[dict]:
         """Fold each LoRA (a file or export folder in a format the family reads, with its scale) into the base
         weights, in order; returns one record per LoRA (its path and scale, and what was read: layout, rank,
-        alpha) for `cogft_merge.json`."""
+        alpha) for `cogft_merge.json`. The scale s multiplies the LoRA update (`W + s * alpha / rank * B @ A`); the
+        fully trained modules an adapter carries (PEFT's `modules_to_save`) replace the base's at full strength,
+        or with `blend_full_modules` become `W_base + s * (W_trained - W_base)`."""
         raise NotImplementedError(f"{type(self).__name__} cannot merge LoRAs into its base model (cogft merge, "
                                   f"cogft generate --lora): the family implements no merge_loras.")
 

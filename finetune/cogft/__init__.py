@@ -69,9 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "training export's diffusers file is written so)")
     _family_option(p)
 
-    p = sub.add_parser("merge", help="fuse LoRAs into the base model and save a full model")
+    p = sub.add_parser("merge", help="fuse LoRAs into the base model and save a full model",
+                       description="Each --lora PATH:SCALE adds SCALE x its LoRA update (W + SCALE * alpha/rank * B @ A). "
+                                   "Modules an adapter trained fully (PEFT's modules_to_save: the CogVLM captcha "
+                                   "recipe's ViT MLPs) replace the base's as trained, whatever SCALE, unless "
+                                   "--blend-full-modules.")
     _model_options(p)
     p.add_argument("--out", required=True, help="output folder (diffusers layout; HF layout for CogVLM)")
+    p.add_argument("--blend-full-modules", action="store_true",
+                   help="fully trained modules at the LoRA's scale too: W_base + SCALE * (W_trained - W_base) "
+                        "(default: as trained)")
 
     p = sub.add_parser("generate", help="videos, images or captcha readings with a base model and LoRAs")
     _model_options(p)
@@ -133,7 +140,7 @@ def _dispatch(args):
     if args.command == "merge":
         from .models import merge
 
-        return merge(args.recipe, args.lora, args.out, args.preset, args.model, args.dtype)
+        return merge(args.recipe, args.lora, args.out, args.preset, args.model, args.dtype, args.blend_full_modules)
     if args.command == "generate":
         from .models import generate
 

@@ -90,9 +90,10 @@ def model_overrides(model: str | None, dtype: str | None) -> list[str]:
 
 # -- merge -----------------------------------------------------------------------------------------
 def merge(recipe: str, loras: list[str], out: str, preset: str | None = None, model: str | None = None,
-          dtype: str | None = None) -> Path:
+          dtype: str | None = None, blend_full_modules: bool = False) -> Path:
     """Base + LoRAs at their scales, saved as a full model: the pipeline in diffusers layout (CogVLM: the HF layout
-    with its tokenizer), with `cogft_merge.json` saying what was merged."""
+    with its tokenizer), with `cogft_merge.json` saying what was merged. A scale multiplies the LoRA update; fully
+    trained modules come as trained, or at the same scale with `blend_full_modules` (`ModelFamily.merge_loras`)."""
     cfg = compose_recipe(recipe, preset, model_overrides(model, dtype))
     family = build_family(cfg)
     base = family.base_checkpoint_dir()
@@ -102,7 +103,7 @@ def merge(recipe: str, loras: list[str], out: str, preset: str | None = None, mo
     parsed = [parse_lora(spec) for spec in loras]
     if not parsed:
         raise SystemExit("cogft merge: pass at least one --lora PATH[:SCALE].")
-    record = family.merge_loras(parsed)
+    record = family.merge_loras(parsed, blend_full_modules=blend_full_modules)
     out_dir = family.save_merged(Path(out))
     (out_dir / MERGE_RECORD).write_text(json.dumps({"merged": True, "recipe": recipe, "base": cfg.model.path,
                                                     "loras": record}, indent=1))

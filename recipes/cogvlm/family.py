@@ -154,6 +154,13 @@ def exact_match(predictions: list[str], labels: list[str]) -> dict[str, list[flo
 
 
 
+def _saved(parameter: str, modules_to_save: list[str]) -> bool:
+    """Whether a parameter lies in one of PEFT's `modules_to_save` (a module whose name is, or ends with, an entry)."""
+    parts = parameter.split(".")[:-1]
+    names = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return any(name == entry or name.endswith("." + entry) for name in names for entry in modules_to_save)
+
+
 class CogVLM(ModelFamily):
     """CogVLM (THUDM/cogvlm-base-490-hf, -base-224-hf, -chat-hf) and CogVLM2 (THUDM/cogvlm2-llama3-chat-19B) on the
     native model of `recipes.cogvlm`.
@@ -272,19 +279,31 @@ class CogVLM(ModelFamily):
         return [Sample("text", answer, request.prompt if isinstance(request.image, Image.Image) else str(request.image))
                 for request, answer in zip(requests, answers)]
 
-    def merge_loras(self, loras: list[tuple[str, float]]) -> list[dict]:
-        """Each PEFT adapter folder (what `export` writes) merged by peft, its scaling times the given scale."""
+    def merge_loras(self, loras: list[tuple[str, float]], blend_full_modules: bool = False) -> list[dict]:
+        """Each PEFT adapter folder (what `export` writes) merged by peft, its LoRA scaling times the given scale.
+        The adapter's fully trained modules (`modules_to_save`, e.g. the captcha recipe's ViT MLPs) replace the base's
+        as trained, or with `blend_full_modules` become `W_base + scale * (W_trained - W_base)`."""
         from peft import PeftModel
         from peft.tuners.lora import LoraLayer
 
         record = []
         for path, scale in loras:
+            saved = json.loads((Path(path) / "adapter_config.json").read_text()).get("modules_to_save") or []
+            full = {n: p.detach().clone() for n, p in self.model.named_parameters() if _saved(n, saved)}
             peft_model = PeftModel.from_pretrained(self.model, str(path))
             for module in peft_model.modules():
                 if isinstance(module, LoraLayer):
                     module.scale_layer(scale)
             self.model = peft_model.merge_and_unload()
-            record.append({"path": str(path), "scale": scale, "layout": "peft"})
+            if blend_full_modules and full:
+                params = dict(self.model.named_parameters())
+                with torch.no_grad():
+                    for name, base in full.items():
+                        trained = params[name]
+                        trained.copy_((base.float() + scale * (trained.float() - base.float())).to(trained.dtype))
+            record.append({"path": str(path), "scale": scale, "layout": "peft", "modules_to_save": saved,
+                           "full_modules": (f"blended at scale {scale}" if blend_full_modules else "as trained")
+                           if full else "none"})
         return record
 
     def save_merged(self, directory: str | os.PathLike) -> Path:

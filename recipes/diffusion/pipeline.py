@@ -191,9 +191,10 @@ class DiffusersFamily(ModelFamily):
         state, config = self.lora_state(adapter.adapter_name)
         return write_adapter(from_peft_state(state, config), directory, fmt, self.lora_names)
 
-    def merge_loras(self, loras: list[tuple[str, float]]) -> list[dict]:
+    def merge_loras(self, loras: list[tuple[str, float]], blend_full_modules: bool = False) -> list[dict]:
         """Each LoRA file or folder (any layout `cogft inspect` knows, read with `lora_names`) at its scale into the
-        transformer (`merge_adapters`); every file is read and checked for NaN/inf before any weight changes."""
+        transformer (`merge_adapters`); every file is read and checked for NaN/inf before any weight changes. These
+        files hold LoRA pairs only, so `blend_full_modules` changes nothing here."""
         from finetune.lora_formats.files import check_finite, read_lora_file, to_adapter
 
         adapters, record = [], []

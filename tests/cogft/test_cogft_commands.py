@@ -264,3 +264,38 @@ def test_console_script_exits_zero(t2v_run):
     with pytest.raises(SystemExit) as missing:  # a message and status 1, no traceback
         main(["inspect", str(run_dir / "nothing")])
     assert isinstance(missing.value.code, str) and "no such file or folder" in missing.value.code
+
+
+def test_cogvlm_merge_scale_and_the_fully_trained_modules(tiny_cogvlm, tmp_path):
+    """`--lora EXPORT:0.5` halves the LoRA update; the fully trained ViT MLPs (`modules_to_save`) come as trained,
+    or at half their change with `--blend-full-modules` (W_base + 0.5 * (W_trained - W_base))."""
+    import json
+
+    from safetensors.torch import load_file
+
+    module = fake_run("cogvlm_captcha_lora", tmp_path / "run", seed=3)
+    export = cogft(["export", str(tmp_path / "run" / "checkpoints" / "last.ckpt")])[0]
+    saved = json.loads((export / "adapter_config.json").read_text())["modules_to_save"]
+    assert saved
+
+    def merged(name: str, *extra: str) -> dict:
+        out = cogft(["merge", "--recipe", "cogvlm_captcha_lora", "--preset", "tiny", "--lora", f"{export}{name}",
+                     "--out", str(tmp_path / f"merged{len(extra)}{name.strip(':')}"), *extra])
+        return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    from recipes.cogvlm import CogVLMForCausalLM
+
+    base = CogVLMForCausalLM.from_pretrained(module.family.local_path, dtype=torch.float32).state_dict()
+    whole, half, blended = merged(":1.0"), merged(":0.5"), merged(":0.5", "--blend-full-modules")
+    record = json.loads((tmp_path / "merged10.5" / "cogft_merge.json").read_text())["loras"][0]
+    assert record["full_modules"] == "blended at scale 0.5" and record["modules_to_save"] == saved
+    full = [k for k in base if any(f".{entry}." in f".{k}" for entry in saved)]
+    lora = [k for k in base if k not in full and not torch.equal(whole[k], base[k])]
+    assert full and lora
+    for key in full:
+        assert not torch.equal(whole[key], base[key])
+        assert torch.equal(half[key], whole[key]), key  # as trained, whatever the scale
+        torch.testing.assert_close(blended[key], base[key] + 0.5 * (whole[key] - base[key]), rtol=0, atol=1e-6)
+    for key in lora:  # the LoRA update at half strength under both options
+        torch.testing.assert_close(half[key], base[key] + 0.5 * (whole[key] - base[key]), rtol=1e-5, atol=1e-6)
+        assert torch.equal(half[key], blended[key])
