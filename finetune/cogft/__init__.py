@@ -6,6 +6,7 @@
     cogft merge --recipe R --lora DIR[:SCALE] --out DIR
     cogft generate --recipe R --prompt TEXT [--image IMG] [--lora DIR[:SCALE]] --out DIR
     cogft push EXPORT_DIR --repo USER/NAME [--dry-run DIR]
+    cogft train recipe=R [preset=tiny] [KEY=VALUE ...]   `python train.py` from the installed package, anywhere
 
 `python train.py recipe=...` trains; this command works on what it wrote. Each subcommand has `--help`.
 """
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=None, help="video frames (8N+1; 16N+1 for CogVideoX1.5)")
     p.add_argument("--fps", type=int, default=None)
 
+    p = sub.add_parser("train", help="train a recipe from the installed package (as python train.py in a checkout)",
+                       add_help=False)
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="recipe=NAME [preset=tiny] KEY=VALUE ... (Hydra)")
+
     p = sub.add_parser("push", help="upload an adapter with a model card to the Hugging Face Hub")
     p.add_argument("adapter", help="the export folder (run_dir/export)")
     p.add_argument("--repo", required=True, help="USER/NAME on the Hub")
@@ -111,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
 def run(argv: list[str]):
     """Run one subcommand; returns its result (the report, the written paths) for tests and scripts."""
     args = build_parser().parse_args(argv)
+    if args.command == "train":  # its errors are told as train.py tells them (finetune/console.py)
+        from .train import train
+
+        return train(args.overrides)
     from finetune.console import quiet_known_warnings
 
     quiet_known_warnings()

@@ -231,7 +231,8 @@ def choice_problems(hydra_cfg) -> list[str]:
     composes nothing for an `optional` defaults entry whose file is missing, and conf/train.yaml's two preset entries
     are optional (`preset` names the preset, `preset@_global_` loads conf/preset/<preset>/<model>/<adapter>.yaml),
     so `preset=tinyy`, or a preset without a file for the recipe's model and adapter, would run without it."""
-    folders = [Path(s["path"]) for s in hydra_cfg.runtime.config_sources if s["schema"] == "file"]
+    folders = [_source_folder(s) for s in hydra_cfg.runtime.config_sources if s["provider"] == "main"]
+    folders = [f for f in folders if f is not None]
     problems = []
     for key, value in hydra_cfg.runtime.choices.items():
         group = key.split("@")[0]
@@ -246,6 +247,18 @@ def choice_problems(hydra_cfg) -> list[str]:
             where = ", ".join(map(str, folders))
             problems.append(f"{key}={value}: no {group}/{value}.yaml in {where}; expected {hint}")
     return problems
+
+
+def _source_folder(source) -> Path | None:
+    """The folder of a config source: `file://DIR` (train.py in a checkout) or `pkg://conf` (`cogft train`, the
+    installed package)."""
+    if source["schema"] == "file":
+        return Path(source["path"])
+    if source["schema"] == "pkg":
+        from importlib.resources import files
+
+        return Path(str(files(source["path"])))
+    return None
 
 
 def check_choices(hydra_cfg) -> None:
