@@ -17,9 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.checkpointing import run_identity
 from finetune.console import quiet_known_warnings
-from finetune.module import FinetuneModule
 from finetune.errors import PathSettingError, RunDirError
 from finetune.hub import check_weight_files
+from finetune.module import FinetuneModule
 from finetune.settings.check import ConfigError, check_choices, check_config, check_trainable_modules
 
 
