@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a LoRA .safetensors (or SAT .pt) file, or the folder holding it")
     _family_option(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--diffusers-version", default=None, metavar="X.Y.Z",
+                   help="say what this diffusers makes of the file (default: the installed one); 0.33 ignores the "
+                        "header, 0.34+ hands it to peft's LoraConfig")
+    p.add_argument("--peft-version", default=None, metavar="X.Y.Z",
+                   help="the peft beside it (default: the installed one): a header field it lacks fails the load")
 
     p = sub.add_parser("export", help="a training checkpoint to the recipe's export format(s)")
     p.add_argument("ckpt", help="a Lightning checkpoint (run_dir/checkpoints/last.ckpt; a DeepSpeed folder too)")

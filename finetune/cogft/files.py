@@ -20,8 +20,8 @@ def lora_names(family: str):
     return family_class(family).lora_names
 
 
-def inspect(path: str, family: str = "cogvideox") -> dict:
-    return describe(path, lora_names(family))
+def inspect(path: str, family: str = "cogvideox", diffusers: str | None = None, peft: str | None = None) -> dict:
+    return describe(path, lora_names(family), {"diffusers": diffusers, "peft": peft})
 
 
 def format_report(info: dict) -> str:
@@ -43,10 +43,13 @@ def format_report(info: dict) -> str:
              f"targets     {', '.join(info['targets']) or '-'}",
              "finite      " + ("yes" if not info["non_finite"] else
                                f"NO: {len(info['non_finite'])} tensors hold NaN/inf, e.g. {info['non_finite'][0]}"),
-             "", f"{'loader':34s} {'loads':6s} {'scale':8s} {'x trained':10s} why"]
+             "", f"loaders, for diffusers {info['versions'].get('diffusers')} and peft {info['versions'].get('peft')} "
+                 f"(--diffusers-version, --peft-version):",
+             f"{'loader':34s} {'loads':6s} {'scale':8s} {'x trained':10s} why"]
     for key, entry in info["loaders"].items():
         strength = entry.get("strength")
-        lines.append(f"{LOADERS[key]:34s} {'yes' if entry['loads'] else 'no':6s} {scale(entry['scale']):8s} "
+        loads = {True: "yes", False: "no", None: "?"}[entry["loads"]]
+        lines.append(f"{LOADERS[key]:34s} {loads:6s} {scale(entry['scale']):8s} "
                      f"{'-' if strength is None else f'{strength:g}':10s} {entry['note']}")
     return "\n".join(lines)
 
@@ -54,6 +57,10 @@ def format_report(info: dict) -> str:
 def convert(source: str, out: str, to: str, family: str = "cogvideox", alpha: float | None = None,
             fold_alpha: bool = False) -> Path:
     names = lora_names(family)
+    if to == "comfy" and names.modules is None:
+        raise LoraFileError(f"--to comfy --family {family}: native ComfyUI does not run this model (it runs CogVideoX "
+                            f"only), so there are no native names to write; use --to diffusers or kohya, or name the "
+                            f"CogVideoX family the LoRA is for (--family cogvideox).")
     file = read_lora_file(source)
     adapter = to_adapter(file, names, alpha=alpha)
     # a folded source (the kit's export) keeps its record: its lora_B already holds the trained alpha / rank
@@ -64,7 +71,7 @@ def convert(source: str, out: str, to: str, family: str = "cogvideox", alpha: fl
 
 
 def main_inspect(args) -> dict:
-    info = inspect(args.path, args.family)
+    info = inspect(args.path, args.family, args.diffusers_version, args.peft_version)
     print(json.dumps(info, indent=1) if args.json else format_report(info))
     return info
 
@@ -73,4 +80,4 @@ def main_convert(args) -> Path:
     try:
         return convert(args.source, args.out, args.to, args.family, args.alpha, args.fold_alpha)
     except LoraFileError as err:
-        raise SystemExit(f"cogft convert: {err}") from None
+        raise SystemExit(f"error: cogft convert: {err}") from None

@@ -35,7 +35,54 @@ from finetune.lora_formats.files import (
 )
 
 
-def describe(path: str | Path, names: LoraNames | None = None) -> dict:
+# The fields of peft's `LoraConfig` by release (`dataclasses.fields`, read in a venv of each release by
+# `bench/compat.py`'s stacks): diffusers >= 0.34 passes a file's `lora_adapter_metadata` to `LoraConfig(**metadata)`
+# unfiltered, so a field the installed peft lacks raises TypeError. Each release: its fields beyond the one before.
+_PEFT_0_17 = {
+    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "corda_config", "eva_config",
+    "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights", "layer_replication", "layers_pattern",
+    "layers_to_transform", "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "megatron_config",
+    "megatron_core", "modules_to_save", "peft_type", "qalora_group_size", "r", "rank_pattern", "revision",
+    "runtime_config", "target_modules", "target_parameters", "task_type", "trainable_token_indices", "use_dora",
+    "use_qalora", "use_rslora"}
+PEFT_LORA_FIELDS = {(0, 17): _PEFT_0_17}
+PEFT_LORA_FIELDS[(0, 18)] = PEFT_LORA_FIELDS[(0, 17)] | {"alora_invocation_tokens", "arrow_config",
+                                                          "ensure_weight_tying", "peft_version"}
+PEFT_LORA_FIELDS[(0, 20)] = PEFT_LORA_FIELDS[(0, 18)] | {"lora_ga_config", "monteclora_config", "use_bdlora",
+                                                          "velora_config"}
+PEFT_LORA_FIELDS[(0, 21)] = PEFT_LORA_FIELDS[(0, 20)] | {"kasa_config"}
+# diffusers that never read the header (alpha = rank), and those that read rank_pattern/alpha_pattern from it
+# unconditionally (KeyError without them): measured by bench/compat.py (docs/compatibility.md)
+READS_HEADER_FROM = (0, 34)
+NEEDS_PATTERNS_BEFORE = (0, 36)
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", str(text))[:3])
+
+
+def installed_versions() -> dict[str, str | None]:
+    """The diffusers and peft a claim is made for by default: the installed ones (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("diffusers", "peft"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def peft_fields(peft_version: str | None) -> set[str] | None:
+    """The LoraConfig fields of the newest recorded peft release not after `peft_version` (None: older than any)."""
+    if peft_version is None:
+        return None
+    known = [release for release in PEFT_LORA_FIELDS if release <= version_tuple(peft_version)[:2]]
+    return PEFT_LORA_FIELDS[max(known)] if known else None
+
+
+def describe(path: str | Path, names: LoraNames | None = None, versions: dict | None = None) -> dict:
     """Everything `cogft inspect` prints, as data: layout, rank, alpha and their source, targets, dtypes, tensor
     count, non-finite tensors, and per loader whether it loads the file and at which scale."""
     names = names or LoraNames()
@@ -58,7 +105,9 @@ def describe(path: str | Path, names: LoraNames | None = None) -> dict:
         ranks = sorted({int(v.shape[0]) for k, v in file.tensors.items() if "lora_A" in k or "lora_down" in k
                         or ".matrix_A." in k})
         info.update(ranks=ranks, alphas=[], alpha_source=f"unknown: {err}", trained_scale=None, targets=[])
-    info["loaders"] = loader_report(file, layout, names, adapter)
+    versions = {**installed_versions(), **{k: v for k, v in (versions or {}).items() if v}}
+    info["versions"] = versions
+    info["loaders"] = loader_report(file, layout, names, adapter, versions)
     return info
 
 
@@ -72,8 +121,11 @@ def _one(values):
     return values[0] if len(values) == 1 else values
 
 
-def loader_report(file: LoraFile, layout: str, names: LoraNames, adapter: Adapter | None) -> dict[str, dict]:
-    """loader -> {loads: bool, scale: the factor it applies to B @ A (at strength 1), note}."""
+def loader_report(file: LoraFile, layout: str, names: LoraNames, adapter: Adapter | None,
+                  versions: dict | None = None) -> dict[str, dict]:
+    """loader -> {loads: bool, scale: the factor it applies to B @ A (at strength 1), note}, for the diffusers and peft
+    of `versions` (default: the installed ones)."""
+    versions = versions or installed_versions()
     keys = list(file.tensors)
     rank_of = {k: int(v.shape[0]) for k, v in file.tensors.items()
                if k.endswith((".lora_A.weight", ".lora_down.weight"))}
@@ -89,11 +141,11 @@ def loader_report(file: LoraFile, layout: str, names: LoraNames, adapter: Adapte
     if without_lora:  # diffusers' lora_state_dict refuses the whole file (verified on 0.42.1)
         report["diffusers"] = {"loads": False, "scale": None,
                                "note": f"load_lora_weights raises: {without_lora[0]!r} has no 'lora' in its name"}
+    elif prefixed and meta_scale is None:
+        report["diffusers"] = {"loads": True, "scale": 1.0, "note": "no lora_adapter_metadata: alpha = rank" + (
+            " (finetrainers' lora_config header is not read)" if file.finetrainers_config else "")}
     elif prefixed:
-        note = "alpha/rank from lora_adapter_metadata" if meta_scale is not None else (
-            "no lora_adapter_metadata: alpha = rank" + (" (finetrainers' lora_config header is not read)"
-                                                       if file.finetrainers_config else ""))
-        report["diffusers"] = {"loads": True, "scale": meta_scale if meta_scale is not None else 1.0, "note": note}
+        report["diffusers"] = _header_report(config, meta_scale, versions)
     else:
         report["diffusers"] = {"loads": False, "scale": None,
                                "note": f"0 keys with the `{names.prefix}` prefix: load_lora_weights drops them"}
@@ -123,6 +175,32 @@ def loader_report(file: LoraFile, layout: str, names: LoraNames, adapter: Adapte
         if entry["loads"] and trained is not None and isinstance(entry["scale"], float) and isinstance(trained, float):
             entry["strength"] = round(entry["scale"] / trained, 6)  # 1.0: as trained
     return report
+
+
+def _header_report(config: dict, meta_scale: float, versions: dict) -> dict:
+    """What diffusers `versions["diffusers"]` with peft `versions["peft"]` makes of a file's header (the rules
+    above)."""
+    diffusers, peft = versions.get("diffusers"), versions.get("peft")
+    if diffusers is None:
+        return {"loads": False, "scale": None, "note": "diffusers is not installed (name one: --diffusers-version)"}
+    if version_tuple(diffusers) < READS_HEADER_FROM:
+        return {"loads": True, "scale": 1.0,
+                "note": f"diffusers {diffusers} never reads lora_adapter_metadata: alpha = rank"}
+    fields = set(config)
+    known = peft_fields(peft)
+    if known is None:
+        return {"loads": None, "scale": None, "note": f"peft {peft}: its LoraConfig fields are not recorded (>= 0.17 "
+                                                      f"are); the header may not load"}
+    if fields - known:
+        return {"loads": False, "scale": None,
+                "note": f"diffusers {diffusers} passes the header to LoraConfig: peft {peft} has no "
+                        f"{', '.join(sorted(fields - known)[:3])} (TypeError); `cogft convert --to diffusers` writes a "
+                        f"header every peft takes"}
+    if version_tuple(diffusers) < NEEDS_PATTERNS_BEFORE and not {"rank_pattern", "alpha_pattern"} <= fields:
+        return {"loads": False, "scale": None, "note": f"diffusers {diffusers} reads rank_pattern and alpha_pattern "
+                                                       f"from the header, which lacks them (KeyError)"}
+    return {"loads": True, "scale": meta_scale,
+            "note": f"alpha/rank from lora_adapter_metadata (diffusers {diffusers}, peft {peft})"}
 
 
 def _alpha_key_scale(file: LoraFile, rank) -> dict:

@@ -415,3 +415,56 @@ def test_native_names_in_kohya_spelling(trained, tmp_path):
                           "--fold-alpha"]))
     original, _ = read(files["diffusers"])
     assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
+
+
+def full_header_file(family, adapter_name: str, path):
+    """A diffusers LoRA as the kit wrote it before its folded export, and as other tools write it: lora_B as trained,
+    the installed peft's whole `LoraConfig.to_dict()` in the header."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(family.transformer, adapter_name=adapter_name)
+    type(family.pipe).save_lora_weights(path, transformer_lora_layers=state,
+                                        transformer_lora_adapter_metadata=family.transformer.peft_config[
+                                            adapter_name].to_dict())
+    return path / "pytorch_lora_weights.safetensors"
+
+
+@pytest.mark.parametrize("diffusers, peft, loads, strength, why", [
+    ("0.33.1", "0.21.2", True, 1 / (ALPHA / RANK), "never reads"),  # alpha = rank: the trained scale lost
+    ("0.34.0", "0.20.0", False, None, "kasa_config"),               # a field that peft lacks: TypeError
+    ("0.35.2", "0.17.1", False, None, "has no"),
+    ("0.42.1", "0.21.2", True, 1.0, "from lora_adapter_metadata"),
+])
+def test_inspect_claims_depend_on_the_named_versions(trained, tmp_path, diffusers, peft, loads, strength, why):
+    """The rules bench/compat.py measured (docs/compatibility.md), for a full-header file and the kit's export."""
+    family, _, files, _, _ = trained
+    old = full_header_file(family, "default", tmp_path)
+    claim = cogft(["inspect", str(old), "--diffusers-version", diffusers, "--peft-version", peft])["loaders"]
+    for loader in ("diffusers", "kijai_wrapper"):
+        assert claim[loader]["loads"] is loads and why in claim[loader]["note"], claim[loader]
+        assert claim[loader].get("strength") == (None if strength is None else pytest.approx(strength))
+    export = cogft(["inspect", str(files["diffusers"]), "--diffusers-version", diffusers, "--peft-version", peft])
+    assert export["versions"] == {"diffusers": diffusers, "peft": peft}
+    assert all(export["loaders"][name]["strength"] == 1.0 for name in ("diffusers", "kijai_wrapper"))
+
+
+def test_the_installed_diffusers_does_what_inspect_claims(trained, tiny_cogvideox, tmp_path):
+    """The claim for the installed versions, checked on the real loader: the full-header file at its strength."""
+    family, _, _, deltas, _ = trained
+    old = full_header_file(family, "default", tmp_path)
+    claim = cogft(["inspect", str(old)])["loaders"]["diffusers"]
+    assert claim["loads"] and claim["strength"] == 1.0  # diffusers 0.42 + peft 0.21 (the kit's pins)
+    base = base_weights(tiny_cogvideox)
+    fused = diffusers_fused(tiny_cogvideox, old.parent)
+    for module, delta in deltas.items():
+        torch.testing.assert_close(fused[f"{module}.weight"] - base[f"{module}.weight"], claim["strength"] * delta,
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_convert_to_comfy_refuses_a_model_native_comfyui_does_not_run(trained, tmp_path):
+    _, _, files, _, _ = trained
+    with pytest.raises(SystemExit, match=r"^error: cogft convert: --to comfy --family cogview4: native ComfyUI does "
+                                         r"not run this model"):
+        cogft(["convert", str(files["diffusers"]), str(tmp_path / "c.safetensors"), "--to", "comfy",
+               "--family", "cogview4"])
+    assert not (tmp_path / "c.safetensors").exists()
