@@ -174,6 +174,13 @@ class ModelFamily(nn.Module, ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot merge LoRAs into its base model (cogft merge, "
                                   f"cogft generate --lora): the family implements no merge_loras.")
 
+    @classmethod
+    def recognize_lora(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """What model a LoRA file is for, from its tensor names and shapes alone (`cogft inspect` without `--family`):
+        a short description (e.g. "CogVideoX-5B or CogVideoX1.5-5B") when they are this family's, None otherwise, or
+        when they could be another family's too (the command says "unknown" rather than guess)."""
+        return None
+
     def save_merged(self, directory: str | os.PathLike) -> Path:
         """Save the whole model (LoRAs merged) so that its library's `from_pretrained(directory)` loads it and the
         recipe takes it as `model.path`; returns the folder."""

@@ -23,9 +23,9 @@ from .config import model_names, recipe_names
 
 
 def _family_option(parser) -> None:
-    parser.add_argument("--family", default="cogvideox", choices=model_names(),
+    parser.add_argument("--family", default=None, choices=model_names(),
                         help="the model the LoRA is for (conf/model/NAME.yaml): how its module names are spelled by "
-                             "other tools (default: cogvideox, every CogVideoX variant)")
+                             "other tools (default: recognized from the file's names and shapes, else unknown)")
 
 
 def _model_options(parser) -> None:

@@ -6,22 +6,48 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.lora_formats.files import LoraFileError, read_lora_file, to_adapter, trained_record
+from finetune.lora_formats.files import LoraFileError, LoraNames, read_lora_file, to_adapter, trained_record
 from finetune.lora_formats.writing import write_adapter
 from finetune.lora_formats.loaders import describe
 
-from .config import family_class
+from .config import family_class, model_names
 
 LOADERS = {"diffusers": "diffusers load_lora_weights", "kijai_wrapper": "ComfyUI-CogVideoXWrapper",
            "comfyui_native": "ComfyUI (native)", "peft": "PEFT PeftModel.from_pretrained"}
 
 
-def lora_names(family: str):
-    return family_class(family).lora_names
+def lora_names(family: str | None):
+    return family_class(family).lora_names if family else LoraNames()
 
 
-def inspect(path: str, family: str = "cogvideox", diffusers: str | None = None, peft: str | None = None) -> dict:
-    return describe(path, lora_names(family), {"diffusers": diffusers, "peft": peft})
+def recognize(path: str) -> tuple[str | None, str]:
+    """The model family a LoRA file is for, from its names and shapes (`ModelFamily.recognize_lora` of every
+    conf/model/ family): (its conf/model name, what it is) when exactly one kind of model claims it, else
+    (None, why not)."""
+    file = read_lora_file(path)
+    shapes = {key: tuple(value.shape) for key, value in file.tensors.items()}
+    claims: dict[str, str] = {}
+    for name in model_names():
+        description = family_class(name).recognize_lora(shapes)
+        if description:
+            claims.setdefault(description, name)
+    if len(claims) == 1:
+        return next(iter(claims.values())), next(iter(claims))
+    return None, ("claimed by " + " and ".join(sorted(claims)) if claims else
+                  "its names and shapes fit no known model (a tiny or unusual model?)") + "; pass --family"
+
+
+def inspect(path: str, family: str | None = None, diffusers: str | None = None, peft: str | None = None) -> dict:
+    source = "--family"
+    if family is None:
+        family, what = recognize(path)
+        source = what if family else f"unknown: {what}"
+    info = describe(path, lora_names(family), {"diffusers": diffusers, "peft": peft})
+    info["family"] = {"name": family, "source": source}
+    if family is None:  # the diffusers/PEFT claims hold for any model; native ComfyUI's depend on it
+        info["loaders"]["comfyui_native"] = {"loads": None, "scale": None, "trained_scale": None,
+                                             "note": "unknown model (native ComfyUI runs CogVideoX only): --family"}
+    return info
 
 
 def format_report(info: dict) -> str:
@@ -30,6 +56,7 @@ def format_report(info: dict) -> str:
         return "-" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
 
     lines = [f"file        {info['file']}",
+             f"model       {info['family']['name'] or 'unknown'}   from: {info['family']['source']}",
              f"layout      {info['layout']}" + (f" (header: {', '.join(info['header_keys'])})" if info['header_keys']
                                                else ""),
              f"tensors     {info['tensors']} ({', '.join(info['dtypes'])})" + (
@@ -54,8 +81,13 @@ def format_report(info: dict) -> str:
     return "\n".join(lines)
 
 
-def convert(source: str, out: str, to: str, family: str = "cogvideox", alpha: float | None = None,
+def convert(source: str, out: str, to: str, family: str | None = None, alpha: float | None = None,
             fold_alpha: bool = False) -> Path:
+    if family is None:
+        family, why = recognize(source)
+        if family is None and to == "comfy":
+            raise LoraFileError(f"--to comfy: which model {source} is for is unknown ({why}); native ComfyUI names "
+                                f"exist for CogVideoX only: pass --family cogvideox if it is one.")
     names = lora_names(family)
     if to == "comfy" and names.modules is None:
         raise LoraFileError(f"--to comfy --family {family}: native ComfyUI does not run this model (it runs CogVideoX "

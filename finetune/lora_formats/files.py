@@ -153,6 +153,13 @@ class LoraFile:
         return json.loads(raw) if raw else None
 
 
+def query_widths(shapes: dict[str, tuple[int, ...]]) -> set[int]:
+    """The input widths of the LoRAs on attention query projections (`attn1.to_q` in any spelling): the model's
+    hidden size, for `ModelFamily.recognize_lora`."""
+    return {shape[-1] for key, shape in shapes.items()
+            if re.search(r"attn1[._]to_q[._]lora_(A|down)", key) and len(shape) >= 2}
+
+
 def find_lora_file(path: str | Path) -> Path:
     """A file, or the LoRA file in a folder (diffusers' name, PEFT's, else the folder's only .safetensors)."""
     path = Path(path).expanduser()

@@ -22,7 +22,7 @@ import torch
 from finetune.data import DataError, Processor, VideoSpec
 from finetune.family import GenerationRequest, Sample, parse_dtype
 from finetune.hub import resolve_pretrained
-from recipes.cogvideox.keys import COGVIDEOX_LORA_NAMES
+from recipes.cogvideox.keys import COGVIDEOX_LORA_NAMES, recognize_cogvideox_lora
 from recipes.diffusion.pipeline import DiffusersFamily, base_quantization, load_pipeline
 from recipes.diffusion.objectives import sample_latents, v_prediction_loss
 
@@ -101,6 +101,10 @@ class CogVideoX(DiffusersFamily):
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     block_class_names = ("CogVideoXBlock",)  # what fsdp2 shards and block swap streams
     lora_names = COGVIDEOX_LORA_NAMES  # native ComfyUI and SAT spellings (recipes/cogvideox/keys.py)
+
+    @classmethod
+    def recognize_lora(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        return recognize_cogvideox_lora(shapes)
     export_formats = ("diffusers", "comfy", "kohya")  # callbacks.export.formats=[diffusers,comfy]
     pipeline_class = "CogVideoXPipeline"
     setting_ranges = {"height": ">0", "width": ">0", "num_frames": ">=1",

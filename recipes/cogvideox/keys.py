@@ -13,7 +13,7 @@ projection; alpha 1 (scale 1 / rank).
 
 from __future__ import annotations
 
-from finetune.lora_formats.files import LoraNames, NameMap
+from finetune.lora_formats.files import LoraNames, NameMap, query_widths
 
 BLOCK = "transformer_blocks.{n}."
 NATIVE = "blocks.{n}."
@@ -56,3 +56,22 @@ def sat_key(module: str, part: str) -> str:
     """The SAT checkpoint key of `module`'s LoRA matrix `part` ("A" or "B")."""
     matrix, split = COGVIDEOX_LORA_NAMES.sat.to_theirs(module).split("#")
     return f"{COGVIDEOX_LORA_NAMES.sat_prefix}{matrix}.matrix_{part}.{split}"
+
+
+#: CogVideoX's hidden sizes: 2B 1920 (30 heads x 64), 5B and 1.5-5B 3072 (48 x 64)
+HIDDEN_SIZES = {1920: "CogVideoX-2B", 3072: "CogVideoX-5B or CogVideoX1.5-5B"}
+VARIANTS = "text- or image-to-video: an attention LoRA has the same shapes in each"
+
+
+def recognize_cogvideox_lora(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Names only CogVideoX has (native ComfyUI or SAT keys, the time or ofs embedding), else its hidden size."""
+    keys = list(shapes)
+    if any("ofs_embedding" in k for k in keys):
+        return "CogVideoX1.5-5B image-to-video (ofs_embedding)"
+    if any(k.startswith(("diffusion_model.blocks.", "model.diffusion_model.transformer.layers.")) or "time_embedding" in k
+           for k in keys):
+        return f"CogVideoX ({VARIANTS})"
+    widths = query_widths(shapes)
+    if len(widths) == 1 and next(iter(widths)) in HIDDEN_SIZES:
+        return f"{HIDDEN_SIZES[next(iter(widths))]} ({VARIANTS})"
+    return None

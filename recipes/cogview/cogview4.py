@@ -23,6 +23,7 @@ from torch import nn
 from finetune.data import DataError, ImageSpec, Processor
 from finetune.family import GenerationRequest, Sample, parse_dtype
 from finetune.hub import resolve_pretrained
+from finetune.lora_formats.files import query_widths
 from recipes.diffusion.pipeline import DiffusersFamily, base_quantization, load_pipeline
 from recipes.diffusion.objectives import FlowMatching, sample_latents
 
@@ -128,6 +129,13 @@ class CogView4(BucketedImageFamily):
     setting_ranges = {"height": ">0", "width": ">0", "max_sequence_length": ">=1", "logit_std": ">0",
                       "bucket_pixels": ">0", "min_side": ">0", "max_side": ">0", "bucket_multiple": ">=1",
                       "max_pixels": ">0"}  # checked by finetune.settings.check before anything is built
+
+    @classmethod
+    def recognize_lora(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """CogView4's time embedding by name, else its hidden size (4096: 32 heads x 128)."""
+        if any("time_condition_embed" in key for key in shapes):
+            return "CogView4-6B"
+        return "CogView4-6B" if query_widths(shapes) == {4096} else None
 
     def __init__(self, path: str = "THUDM/CogView4-6B", dtype: str = "bf16", height: int = 1024,
                  width: int = 1024, max_sequence_length: int = 1024, sigma_sampling: str = "uniform",

@@ -306,6 +306,13 @@ class CogVLM(ModelFamily):
                            if full else "none"})
         return record
 
+    @classmethod
+    def recognize_lora(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """The visual expert's own projections, which no other model has."""
+        if any("language_expert" in key or "vision_expert" in key for key in shapes):
+            return "CogVLM or CogVLM2 (PEFT adapter)"
+        return None
+
     def save_merged(self, directory: str | os.PathLike) -> Path:
         """The model in the HF layout with its tokenizer (`CogVLMForCausalLM.from_pretrained(directory)`)."""
         self.model.save_pretrained(directory)

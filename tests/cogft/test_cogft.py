@@ -468,3 +468,47 @@ def test_convert_to_comfy_refuses_a_model_native_comfyui_does_not_run(trained, t
         cogft(["convert", str(files["diffusers"]), str(tmp_path / "c.safetensors"), "--to", "comfy",
                "--family", "cogview4"])
     assert not (tmp_path / "c.safetensors").exists()
+
+
+@pytest.mark.parametrize("keys, family", [
+    ({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": (4, 3072),
+      "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": (3072, 4)}, "cogvideox"),       # 5B / 1.5 width
+    ({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": (4, 1920),
+      "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": (1920, 4)}, "cogvideox"),       # 2B width
+    ({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": (4, 4096),
+      "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": (4096, 4)}, "cogview4"),        # 6B width
+    ({"lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight": (4, 4096),
+      "lora_unet_transformer_blocks_0_attn1_to_q.lora_up.weight": (4096, 4)}, "cogview4"),         # kohya spelling
+    ({"diffusion_model.blocks.0.q.lora_A.weight": (4, 64), "diffusion_model.blocks.0.q.lora_B.weight": (64, 4)},
+     "cogvideox"),                                                                                   # native names
+    ({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": (4, 64),
+      "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": (64, 4)}, None),                # a tiny model
+])
+def test_inspect_recognizes_the_model_or_says_unknown(tmp_path, keys, family):
+    save_file({k: torch.randn(shape) * 0.1 for k, shape in keys.items()}, str(tmp_path / "lora.safetensors"))
+    info = cogft(["inspect", str(tmp_path / "lora.safetensors")])
+    assert info["family"]["name"] == family, info["family"]
+    if family is None:
+        assert info["family"]["source"].startswith("unknown") and info["loaders"]["comfyui_native"]["loads"] is None
+    elif family == "cogview4":  # never described as CogVideoX, nor as loading in native ComfyUI
+        assert info["loaders"]["comfyui_native"]["loads"] is False
+        with pytest.raises(SystemExit, match="native ComfyUI does not run this model"):
+            cogft(["convert", str(tmp_path / "lora.safetensors"), str(tmp_path / "c.safetensors"), "--to", "comfy"])
+
+
+def test_a_cogvlm_adapter_and_a_tiny_cogview4_lora_are_not_taken_for_cogvideox(tmp_path):
+    from finetune.adapters import LoRA
+    from test_cogview4 import tiny_family as tiny_cogview4
+
+    save_file({"base_model.model.model.layers.0.self_attn.language_expert_query_key_value.lora_A.weight":
+               torch.zeros(4, 64)}, str(tmp_path / "adapter_model.safetensors"))
+    assert cogft(["inspect", str(tmp_path / "adapter_model.safetensors")])["family"]["name"] == "cogvlm"
+    family = tiny_cogview4()
+    adapter = LoRA(rank=4, alpha=4)
+    adapter.apply(family.trainable_module(), family.lora_target_modules)
+    export = family.export(tmp_path / "cogview4", adapter)
+    info = cogft(["inspect", str(export)])
+    assert info["family"]["name"] is None and info["loaders"]["comfyui_native"]["loads"] is None  # tiny: unknown
+    assert info["loaders"]["diffusers"]["loads"] and info["loaders"]["diffusers"]["strength"] == 1.0
+    with pytest.raises(SystemExit, match="which model .* is for is unknown"):
+        cogft(["convert", str(export), str(tmp_path / "c.safetensors"), "--to", "comfy"])
