@@ -160,7 +160,7 @@ def loader_report(file: LoraFile, layout: str, names: LoraNames, adapter: Adapte
     else:
         report["kijai_wrapper"] = {"loads": False, "scale": None, "note": "neither lora_B keys nor kohya keys on "
                                                                           "the diffusers names"}
-    report["comfyui_native"] = _native_report(file, keys, names, rank)
+    report["comfyui_native"] = _native_report(file, keys, names, rank, adapter)
     if layout in ("peft", "peft-bare") and file.config:
         scale = file.config["lora_alpha"] / file.config["r"]
         loads = layout == "peft" and file.path.name == PEFT_FILE
@@ -211,21 +211,46 @@ def _alpha_key_scale(file: LoraFile, rank) -> dict:
     return {"scale": alpha / rank if isinstance(alpha, float) and isinstance(rank, int) else None}
 
 
-def _native_report(file: LoraFile, keys: list[str], names: LoraNames, rank) -> dict:
+def _native_report(file: LoraFile, keys: list[str], names: LoraNames, rank, adapter: Adapter | None) -> dict:
+    """Native ComfyUI's generic LoRA key map (`comfy/lora.py`): for each module `M` of its model (native names) it
+    applies the keys `diffusion_model.M.*` and `lora_unet_<M, dots as underscores>.*`, nothing else. Counted per key
+    and per module, with the share of the trained update (sum of |delta|^2) that it applies: a partial load says so."""
     if names.modules is None:
         return {"loads": False, "scale": None, "note": "native ComfyUI does not run this model"}
-    native = []
-    for key in keys:
-        body = key.removeprefix(names.native_prefix) if key.startswith(names.native_prefix) else None
-        if body is None and key.startswith("lora_unet_"):
-            spelled = names.modules.from_underscored(key.removeprefix("lora_unet_").split(".")[0])
-            body = spelled if spelled and names.modules.to_ours(spelled) else None
-        elif body is not None:
-            module = next((body[: -len(s)] for s in SUFFIXES if body.endswith(s)), None)
-            body = body if module and names.modules.to_ours(module) else None
-        if body is not None:
-            native.append(key)
-    if not native:
+    spelled = {}  # `lora_unet_` stem in native spelling -> our module
+    for module in (adapter.modules if adapter else ()):
+        native = names.modules.to_theirs(module)
+        if native is not None:
+            spelled[native.replace(".", "_")] = module
+
+    def applied_to(key: str) -> str | None:
+        body = next((key[: -len(s)] for s in SUFFIXES if key.endswith(s)), None)
+        if body is None:
+            return None
+        if body.startswith(names.native_prefix):
+            return names.modules.to_ours(body[len(names.native_prefix):])
+        if body.startswith("lora_unet_"):
+            stem = body[len("lora_unet_"):]
+            if adapter is not None:
+                return spelled.get(stem)
+            dotted = names.modules.from_underscored(stem)  # without the modules: the native spelling only
+            return names.modules.to_ours(dotted) if dotted and names.modules.to_theirs(
+                names.modules.to_ours(dotted) or "") == dotted else None
+        return None
+
+    applied = {key: applied_to(key) for key in keys}
+    hit = [key for key, module in applied.items() if module]
+    if not hit:
         return {"loads": False, "scale": None, "note": "0 keys with native module names (diffusion_model.blocks.N.*)"}
-    return {"loads": True, **_alpha_key_scale(file, rank),
-            "note": f"{len(native)} of {len(keys)} keys on native names; .alpha / rank (1.0 without)"}
+    modules = {applied[key] for key in hit}
+    total = len(adapter.modules) if adapter else len({k.rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in keys})
+    report = {"loads": True, **_alpha_key_scale(file, rank), "keys": [len(hit), len(keys)],
+              "modules": [len(modules), total], "partial": len(hit) < len(keys)}
+    note = f"{len(hit)} of {len(keys)} keys, {len(modules)} of {total} modules"
+    if adapter is not None:
+        norms = {name: float(m.delta().pow(2).sum()) for name, m in adapter.modules.items()}
+        report["fraction"] = sum(norms[m] for m in modules if m in norms) / (sum(norms.values()) or 1.0)
+        note += f", {report['fraction']:.1%} of the trained update"
+    if report["partial"]:
+        note = "PARTIAL: " + note + " (the rest is not applied: write the comfy format, cogft convert --to comfy)"
+    return {**report, "note": note + "; .alpha / rank (1.0 without)"}

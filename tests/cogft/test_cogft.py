@@ -309,7 +309,9 @@ def test_diffusers_example_file_without_alpha_needs_alpha(trained, tmp_path, cap
                    "peft": (False, None)}),
     ("comfy", {"diffusers": (False, None), "kijai_wrapper": (False, None), "comfyui_native": (True, 2.0),
                "peft": (False, None)}),
-    ("kohya", {"diffusers": (False, None), "kijai_wrapper": (True, 2.0), "comfyui_native": (False, None),
+    # kohya on the diffusers names: native ComfyUI applies only the modules whose name is the same in its spelling
+    # (time_embedding.linear_1 -> time_embedding_linear_1), a partial load
+    ("kohya", {"diffusers": (False, None), "kijai_wrapper": (True, 2.0), "comfyui_native": (True, 2.0),
                "peft": (False, None)}),
 ])
 def test_inspect_reports_each_loaders_scale(trained, fmt, expected, capsys):
@@ -512,3 +514,23 @@ def test_a_cogvlm_adapter_and_a_tiny_cogview4_lora_are_not_taken_for_cogvideox(t
     assert info["loaders"]["diffusers"]["loads"] and info["loaders"]["diffusers"]["strength"] == 1.0
     with pytest.raises(SystemExit, match="which model .* is for is unknown"):
         cogft(["convert", str(export), str(tmp_path / "c.safetensors"), "--to", "comfy"])
+
+
+def test_native_comfyui_claims_count_what_its_key_map_applies(trained, tiny_cogvideox):
+    """ComfyUI's generic key map (comfy/lora.py), written out here: for every native module M of the model it takes
+    `lora_unet_<M with _>` keys. The kit's kohya file (diffusers names) then loads partially, and inspect says how
+    much: the keys, the modules and the share of the update that it applies."""
+    _, _, files, deltas, _ = trained
+    tensors, _ = read(files["kohya"])
+    native_stems = {"lora_unet_" + reference_native(k.removesuffix(".weight")).replace(".", "_")
+                    for k in base_weights(tiny_cogvideox) if k.endswith(".weight")}
+    hit = [k for k in tensors if k.split(".")[0] in native_stems]
+    modules = {k.split(".")[0] for k in hit}
+    assert hit and len(hit) < len(tensors) and modules == {"lora_unet_time_embedding_linear_1"}
+    claim = cogft(["inspect", str(files["kohya"])])["loaders"]["comfyui_native"]
+    assert claim["loads"] and claim["partial"] and claim["keys"] == [len(hit), len(tensors)]
+    assert claim["modules"] == [len(modules), len(deltas)]
+    share = float(deltas["time_embedding.linear_1"].pow(2).sum()) / sum(float(d.pow(2).sum()) for d in deltas.values())
+    assert claim["fraction"] == pytest.approx(share, rel=1e-4) and "PARTIAL" in claim["note"]
+    whole = cogft(["inspect", str(files["comfy"])])["loaders"]["comfyui_native"]  # the comfy file: all of it
+    assert whole["loads"] and not whole["partial"] and whole["fraction"] == pytest.approx(1.0)
