@@ -11,11 +11,9 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from finetune.console import user_errors
-    from finetune.run import train
+    from finetune.run import train_command
 
-    with user_errors(debug=bool(cfg.get("debug", False))):
-        train(cfg)
+    train_command(cfg)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,15 @@ def train(cfg: DictConfig) -> FinetuneModule:
     return module
 
 
+def train_command(cfg: DictConfig) -> None:
+    """The job of `python train.py` and `cogft train`: `train`, a user's mistake told as one line
+    (`finetune.console.user_errors`; `debug=true` shows its traceback)."""
+    from finetune.console import user_errors
+
+    with user_errors(debug=bool(cfg.get("debug", False))):
+        train(cfg)
+
+
 def finish_loggers(trainer: L.Trainer) -> None:
     """Close the W&B run (also after a crash), so its files are complete for `wandb sync` and a later
     run in the same process starts a new run instead of appending to this one."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.lora_formats.files import LoraFileError, LoraNames, read_lora_file, to_adapter, trained_record
+from finetune.lora_formats.files import LoraFile, LoraFileError, LoraNames, read_lora_file, to_adapter, trained_record
 from finetune.lora_formats.writing import write_adapter
 from finetune.lora_formats.loaders import describe
 
@@ -20,11 +20,10 @@ def lora_names(family: str | None):
     return family_class(family).lora_names if family else LoraNames()
 
 
-def recognize(path: str) -> tuple[str | None, str]:
+def recognize(file: LoraFile) -> tuple[str | None, str]:
     """The model family a LoRA file is for, from its names and shapes (`ModelFamily.recognize_lora` of every
     conf/model/ family): (its conf/model name, what it is) when exactly one kind of model claims it, else
     (None, why not)."""
-    file = read_lora_file(path)
     shapes = {key: tuple(value.shape) for key, value in file.tensors.items()}
     claims: dict[str, str] = {}
     for name in model_names():
@@ -38,11 +37,12 @@ def recognize(path: str) -> tuple[str | None, str]:
 
 
 def inspect(path: str, family: str | None = None, diffusers: str | None = None, peft: str | None = None) -> dict:
+    file = read_lora_file(path)
     source = "--family"
     if family is None:
-        family, what = recognize(path)
+        family, what = recognize(file)
         source = what if family else f"unknown: {what}"
-    info = describe(path, lora_names(family), {"diffusers": diffusers, "peft": peft})
+    info = describe(file, lora_names(family), {"diffusers": diffusers, "peft": peft})
     info["family"] = {"name": family, "source": source}
     if family is None:  # the diffusers/PEFT claims hold for any model; native ComfyUI's depend on it
         info["loaders"]["comfyui_native"] = {"loads": None, "scale": None, "trained_scale": None,
@@ -83,8 +83,9 @@ def format_report(info: dict) -> str:
 
 def convert(source: str, out: str, to: str, family: str | None = None, alpha: float | None = None,
             fold_alpha: bool = False) -> Path:
+    file = read_lora_file(source)
     if family is None:
-        family, why = recognize(source)
+        family, why = recognize(file)
         if family is None and to == "comfy":
             raise LoraFileError(f"--to comfy: which model {source} is for is unknown ({why}); native ComfyUI names "
                                 f"exist for CogVideoX only: pass --family cogvideox if it is one.")
@@ -93,7 +94,6 @@ def convert(source: str, out: str, to: str, family: str | None = None, alpha: fl
         raise LoraFileError(f"--to comfy --family {family}: native ComfyUI does not run this model (it runs CogVideoX "
                             f"only), so there are no native names to write; use --to diffusers or kohya, or name the "
                             f"CogVideoX family the LoRA is for (--family cogvideox).")
-    file = read_lora_file(source)
     adapter = to_adapter(file, names, alpha=alpha)
     # a folded source (the kit's export) keeps its record: its lora_B already holds the trained alpha / rank
     path = write_adapter(adapter, out, to, names, fold=fold_alpha, trained=trained_record(file.header))

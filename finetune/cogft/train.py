@@ -10,14 +10,13 @@ def train(overrides: list[str]) -> None:
     import hydra
     from omegaconf import DictConfig
 
-    from finetune.console import main, user_errors
+    from finetune.console import main
 
     @hydra.main(config_path="pkg://conf", config_name="train", version_base="1.3")
     def job(cfg: DictConfig) -> None:
-        from finetune.run import train as run
+        from finetune.run import train_command
 
-        with user_errors(debug=bool(cfg.get("debug", False))):
-            run(cfg)
+        train_command(cfg)
 
     sys.argv = ["cogft-train", *overrides]  # Hydra reads its overrides (and --cfg, --help, -m) from the command line
     main(job, overrides)

@@ -1,1 +1,2 @@
-"""LoRA file formats: reading and writing every layout the kit knows (`files.py`) and the rules by which each loader applies a file (`loaders.py`)."""
+"""LoRA file formats: reading every layout the kit knows (`files.py`), writing them (`writing.py`), and the rules by
+which each loader applies a file (`loaders.py`)."""

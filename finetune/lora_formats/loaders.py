@@ -82,11 +82,12 @@ def peft_fields(peft_version: str | None) -> set[str] | None:
     return PEFT_LORA_FIELDS[max(known)] if known else None
 
 
-def describe(path: str | Path, names: LoraNames | None = None, versions: dict | None = None) -> dict:
+def describe(path: str | Path | LoraFile, names: LoraNames | None = None, versions: dict | None = None) -> dict:
     """Everything `cogft inspect` prints, as data: layout, rank, alpha and their source, targets, dtypes, tensor
-    count, non-finite tensors, and per loader whether it loads the file and at which scale."""
+    count, non-finite tensors, and per loader whether it loads the file and at which scale. `path`: a file or folder,
+    or a `LoraFile` already read."""
     names = names or LoraNames()
-    file = read_lora_file(path)
+    file = path if isinstance(path, LoraFile) else read_lora_file(path)
     layout = detect_layout(file)
     info = {"file": str(file.path), "layout": layout, "tensors": len(file.tensors),
             "dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in file.tensors.values()}),
