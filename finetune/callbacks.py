@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from finetune.atomic import atomic_path
+from finetune.checkpointing import interrupt_requested
 from finetune.family import GenerationRequest
 from finetune.guards import TrainingFailed
 from finetune.loggers import log_metrics
@@ -113,6 +114,9 @@ class ValidationSamples(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            if interrupt_requested() and trainer.world_size == 1:  # stopping: the checkpoint comes first
+                rank_zero_info(f"validation samples for step {trainer.global_step} skipped: the run is stopping")
+                return
             self._sample(trainer, module)
 
     def on_train_end(self, trainer, module) -> None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import pickle
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -19,14 +22,49 @@ from finetune.errors import UserError
 from finetune.guards import TrainingFailed
 
 
-class CheckpointOnException(Checkpoint):
-    """On an exception (a crash, Ctrl-C) during `fit`, write `dirpath/<filename>.ckpt`; resume with
-    `ckpt_path=<it>`. A run that then finishes removes it (it would be older than `last.ckpt`).
+class RunInterrupted(Exception):
+    """A run stopped by a signal (Ctrl-C, SIGTERM) at a step boundary, after writing `checkpoint` (None: stopped at
+    once by a second signal, no checkpoint written)."""
 
-    Lightning's own `OnExceptionCheckpoint` does the same, but its presence makes `fit(ckpt_path=None)` mean
-    `ckpt_path="last"` (lightning/pytorch/trainer/connectors/checkpoint_connector.py `_parse_ckpt_path`): a run
-    started in an existing run_dir without `ckpt_path` would silently continue from its last checkpoint, and
-    every fresh run warns twice about a missing one. Here only an explicit `ckpt_path` resumes.
+    def __init__(self, signame: str, step: int, checkpoint: str | None):
+        self.signame, self.step, self.checkpoint = signame, step, checkpoint
+        where = f"{checkpoint} written at step {step}" if checkpoint else f"no checkpoint written (step {step})"
+        super().__init__(f"{signame}: the run stopped; {where}")
+
+    @property
+    def exit_code(self) -> int:  # the shell's convention for a process ended by a signal
+        return 128 + int(getattr(signal, self.signame, signal.SIGINT))
+
+
+# The signals that stop a run at the end of the step it is in (SIGTERM: what SLURM and Kubernetes send before they
+# stop or preempt a job).
+STOP_SIGNALS = ("SIGINT", "SIGTERM")
+_requested: list[str] = []  # the signal received, while a run is stopping (`interrupt_requested`)
+
+
+def interrupt_requested() -> str | None:
+    """The signal a run received and is stopping for (None: none): long optional work (validation samples) skips."""
+    return _requested[0] if _requested else None
+
+
+class CheckpointOnException(Checkpoint):
+    """Exact resume after an interruption, and a checkpoint after a crash (docs/run-safety.md#interruptions).
+
+    - **SIGINT (Ctrl-C) or SIGTERM** during training: the step in progress finishes (forward, backward, optimizer and
+      scheduler, and any checkpoint or validation under way), then `dirpath/<filename>.ckpt` is written at that step
+      boundary -- the same point `ModelCheckpoint` saves `last.ckpt` at -- and the run stops with `RunInterrupted`.
+      Resumed with `ckpt_path=on_exception`, it continues exactly as the uninterrupted run (same noise draws, same
+      batches, same weights). A second signal stops at once and writes nothing: the state in the middle of a step
+      is not one a run can continue from exactly. With several processes the ranks agree (any rank's signal stops
+      all of them) at the same step.
+    - **A crash** (an exception inside a step): the checkpoint is written where the crash happened, so no progress is
+      lost; it holds the weights of the last finished step, and the step that failed is redone with fresh noise
+      draws (not bitwise the uninterrupted run).
+
+    The checkpoint is removed by a run that then finishes (it would be older than `last.ckpt`). Lightning's own
+    `OnExceptionCheckpoint` is not used: its presence makes `fit(ckpt_path=None)` mean `ckpt_path="last"`
+    (lightning/pytorch/trainer/connectors/checkpoint_connector.py `_parse_ckpt_path`), so a run started in an existing
+    run_dir would silently continue from its last checkpoint. Here only an explicit `ckpt_path` resumes.
 
     Args:
         dirpath: the directory of the checkpoint (the run's `checkpoints/`).
@@ -37,18 +75,69 @@ class CheckpointOnException(Checkpoint):
         if not filename:
             raise ValueError("callbacks.on_exception.filename is empty: give the checkpoint a name")
         self.dirpath, self.filename = dirpath, filename
+        self._previous: dict[int, object] = {}
+        self._signal_step: int | None = None
 
     @property
     def ckpt_path(self) -> str:
         return os.path.join(self.dirpath, self.filename + ".ckpt")
 
+    # -- signals: requested in the handler, acted on at the next step boundary -------------------------------------
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # After Lightning registered its own SIGTERM handler (which would stop at its own point and, with its
+        # subprocess launcher, kill the other ranks): this one replaces it for the run and is undone in teardown.
+        _requested.clear()
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in STOP_SIGNALS:
+            signum = getattr(signal, name)
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if _requested:  # the second one: stop now, with no checkpoint of a half-done step
+            self._restore_handlers()
+            raise KeyboardInterrupt
+        _requested.append(name)
+        sys.stderr.write(f"\n{name} received: finishing the current step, then saving {self.ckpt_path} to resume "
+                         f"from ({name} or Ctrl-C again stops at once, without it).\n")
+        sys.stderr.flush()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _stop_agreed(self, trainer: L.Trainer) -> bool:
+        wanted = bool(_requested)
+        if trainer.world_size > 1:  # one rank's signal stops every rank, at the same step
+            wanted = bool(trainer.strategy.reduce_boolean_decision(wanted, all=False))
+        return wanted
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # inside an accumulation window: the accumulated gradients are no checkpointed state
+        if trainer.global_step >= (trainer.max_steps if trainer.max_steps > 0 else float("inf")):
+            return  # the last step: the run finishes (and exports) instead
+        if not self._stop_agreed(trainer):
+            return
+        signame = interrupt_requested() or "SIGTERM"  # a rank told by another rank
+        trainer.save_checkpoint(self.ckpt_path, weights_only=False)
+        raise RunInterrupted(signame, trainer.global_step, self.ckpt_path)
+
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+        if isinstance(exception, (RunInterrupted, KeyboardInterrupt)):
+            return  # written at the step boundary already, or (a second signal) deliberately nothing
         # A failed `mode=test` has no training state worth keeping; a run stopped for non-finite weights must not
         # leave them in a checkpoint.
         if trainer.state.fn == TrainerFn.FITTING and not isinstance(exception, TrainingFailed):
-            trainer.save_checkpoint(self.ckpt_path)
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
 
     def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        self._restore_handlers()
+        _requested.clear()
         if stage == "fit":  # teardown runs only after a run that ended normally
             trainer.strategy.remove_checkpoint(self.ckpt_path)
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +18,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.checkpointing import run_identity
+from finetune import runs
+from finetune.checkpointing import RunInterrupted, run_identity
 from finetune.console import quiet_known_warnings
 from finetune.errors import PathSettingError, RunDirError
 from finetune.hub import check_weight_files
@@ -23,13 +27,24 @@ from finetune.module import FinetuneModule
 from finetune.settings.check import ConfigError, check_choices, check_config, check_trainable_modules
 
 
+# `ckpt_path` names: a file in run_dir/checkpoints, or (`auto`) the newest checkpoint there if any.
+CHECKPOINT_NAMES = {"last": "last.ckpt", "on_exception": "on_exception.ckpt"}
+
+
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """The checkpoint a run resumes from: `last`, `on_exception` (in run_dir/checkpoints), `auto` (the newest
+    complete checkpoint of run_dir, or None for a fresh start: what a requeued job passes), or a path."""
     if ckpt_path in (None, ""):
         return None
-    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if ckpt_path == "auto":
+        newest = runs.checkpoints_of(run_dir)
+        return str(newest[0]) if newest else None
+    named = ckpt_path in CHECKPOINT_NAMES
+    path = run_dir / "checkpoints" / CHECKPOINT_NAMES[ckpt_path] if named else Path(ckpt_path)
     if not path.exists():  # a file, or a folder (deepspeed, fsdp2 with save_distributed_checkpoint=true)
-        hint = ("pass run_dir=<the interrupted run's directory> with ckpt_path=last"
-                if ckpt_path == "last" else "check the path")
+        hint = (f"pass run_dir=<the interrupted run's directory> with ckpt_path={ckpt_path}, or ckpt_path=auto to "
+                f"resume from its newest checkpoint (or start afresh if it has none)"
+                if named else "check the path")
         raise PathSettingError(f"ckpt_path={ckpt_path!r}: {path} does not exist; {hint}.")
     return str(path)
 
@@ -157,7 +172,8 @@ def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> list
 
 def train(cfg: DictConfig) -> FinetuneModule:
     """`mode=fit` trains (resuming from `ckpt_path`); `mode=test` evaluates the test split with the
-    weights of `ckpt_path`, of an exported adapter (`adapter_path`), or of the base model, and logs `test/*`."""
+    weights of `ckpt_path`, of an exported adapter (`adapter_path`), or of the base model, and logs `test/*`.
+    The run's status.json says how it ended (`finetune.runs`); a finished run becomes the `latest` link."""
     quiet_known_warnings()  # before anything warns: the console keeps only what the user can act on
     if HydraConfig.initialized():  # train.py: a preset or other group choice that composed nothing stops it too
         check_choices(HydraConfig.get())
@@ -166,30 +182,82 @@ def train(cfg: DictConfig) -> FinetuneModule:
     first_process = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
     # Processes that Lightning or torchrun starts for the other ranks find the folder rank zero just claimed.
     earlier = claim_run_dir(run_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False))) if first_process else []
-    trainer, module, datamodule, ckpt_path = build(cfg, checked=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if first_process:  # a resumed run keeps the first config and adds its own next to it
-        resumed = "config.yaml" in earlier
-        name = f"config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml" if resumed else "config.yaml"
-        (run_dir / name).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    mode = cfg.get("mode", "fit")
+    if first_process:
+        runs.started(run_dir, str(cfg.name), mode, cfg.trainer.get("max_steps"))
+    trainer = None
     try:
-        if cfg.get("mode", "fit") == "test":
-            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        else:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    finally:
-        finish_loggers(trainer)
+        trainer, module, datamodule, ckpt_path = build(cfg, checked=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if first_process:  # a resumed run keeps the first config and adds its own next to it
+            resumed = "config.yaml" in earlier
+            name = f"config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml" if resumed else "config.yaml"
+            (run_dir / name).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C from its own shutdown on, for good
+        try:
+            if mode == "test":
+                trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            else:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        finally:
+            finish_loggers(trainer)
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, sigint)
+    except BaseException as err:
+        if first_process:
+            record_ending(cfg, run_dir, trainer, err)
+        raise
+    if first_process:
+        record_ending(cfg, run_dir, trainer, None)
     rank_zero_info(f"run directory: {run_dir.resolve()}")
     return module
 
 
+def record_ending(cfg: DictConfig, run_dir: Path, trainer: L.Trainer | None, err: BaseException | None) -> None:
+    """status.json after the run (finished, failed, interrupted) with the command that resumes an unfinished one;
+    a finished training run becomes `cfg.latest_link`."""
+    step = trainer.global_step if trainer is not None else None
+    fields = {"step": step, "ended": runs.now(), "exports": runs.exports_of(run_dir)}
+    if err is None:
+        runs.write_status(run_dir, status="finished", error=None, resume=None, **fields)
+        if cfg.get("mode", "fit") == "fit" and cfg.get("latest_link"):
+            runs.link_latest(Path(cfg.latest_link), run_dir)
+        return
+    interrupted = isinstance(err, (RunInterrupted, KeyboardInterrupt, SystemExit))
+    resume = None
+    if cfg.get("mode", "fit") == "fit":
+        if isinstance(err, RunInterrupted) and err.checkpoint:
+            resume = runs.resume_command(run_dir, "on_exception", task_overrides())
+        elif runs.checkpoints_of(run_dir):  # a crash's checkpoint, or a second Ctrl-C: the newest one there
+            resume = runs.resume_command(run_dir, "auto", task_overrides())
+    message = str(err) if not isinstance(err, SystemExit) else "stopped at once (a second signal): no new checkpoint"
+    runs.write_status(run_dir, status="interrupted" if interrupted else "failed",
+                      error=f"{type(err).__name__}: {message}", resume=resume, **fields)
+    err.resume = resume  # shown by train_command
+
+
+def task_overrides() -> list[str]:
+    """The command line's settings (Hydra's task overrides), for the resume command; none outside Hydra."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def train_command(cfg: DictConfig) -> None:
     """The job of `python train.py` and `cogft train`: `train`, a user's mistake told as one line
-    (`finetune.console.user_errors`; `debug=true` shows its traceback)."""
+    (`finetune.console.user_errors`; `debug=true` shows its traceback); an interrupted run ends with the command that
+    resumes it and the signal's exit status."""
     from finetune.console import user_errors
 
-    with user_errors(debug=bool(cfg.get("debug", False))):
-        train(cfg)
+    try:
+        with user_errors(debug=bool(cfg.get("debug", False))):
+            train(cfg)
+    except (RunInterrupted, SystemExit) as err:
+        if not hasattr(err, "resume"):  # not the end of a run (`user_errors` has told the mistake already)
+            raise
+        stopped = str(err) if isinstance(err, RunInterrupted) else "the run stopped at once, with no new checkpoint"
+        sys.stderr.write(f"{stopped}.\n" + (f"resume with:\n  {err.resume}\n" if err.resume else
+                                            "no checkpoint to resume from: start the run again.\n"))
+        sys.stderr.flush()
+        raise SystemExit(err.exit_code if isinstance(err, RunInterrupted) else err.code) from None
 
 
 def finish_loggers(trainer: L.Trainer) -> None:

@@ -140,6 +140,7 @@ RUN_BY = {
     "torchrun ": "tests/finetune/test_distributed.py::test_readme_torchrun_command (the torchrun block)",
     "python -m recipes.cogvlm.predict ": "tests/test_readme.py::test_predict_command_from_readme (the predict block)",
     "python bench/": "test_bench_commands_parse, here",
+    "srun python train.py ": "tests/finetune/test_interrupt.py::test_the_sbatch_example_composes (the sbatch block)",
 }
 # README's install and test commands: .ci/run runs them on a clean checkout.
 CI_COMMANDS = {"python3 -m venv .venv && . .venv/bin/activate", "pip install torch==2.13.0", 'pip install -e ".[test]"',

@@ -5,6 +5,7 @@
     cogft convert IN OUT --to diffusers|comfy|kohya [--alpha A] [--fold-alpha]
     cogft merge --recipe R --lora DIR[:SCALE] --out DIR
     cogft generate --recipe R --prompt TEXT [--image IMG] [--lora DIR[:SCALE]] --out DIR
+    cogft runs [ROOT]                             the runs under outputs/: finished, failed or interrupted, resume command
     cogft push EXPORT_DIR --repo USER/NAME [--dry-run DIR]
     cogft train recipe=R [preset=tiny] [KEY=VALUE ...]   `python train.py` from the installed package, anywhere
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from finetune.errors import UserError
 
@@ -104,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="recipe=NAME [preset=tiny] KEY=VALUE ... (Hydra)")
 
+    p = sub.add_parser("runs", help="the runs under a folder: how each ended, its steps, exports and resume command")
+    p.add_argument("root", nargs="?", default="outputs", help="where the runs are (default: outputs)")
+
     p = sub.add_parser("push", help="upload an adapter with a model card to the Hugging Face Hub")
     p.add_argument("adapter", help="the export folder (run_dir/export)")
     p.add_argument("--repo", required=True, help="USER/NAME on the Hub")
@@ -162,6 +167,12 @@ def _dispatch(args):
             raise SystemExit("cogft generate: pass --prompt (diffusion recipes) or --image (CogVLM).")
         return generate(args.recipe, args.prompt, args.out, args.preset, args.model, args.dtype, args.lora, args.image,
                         args.seed, args.steps, args.guidance, args.height, args.width, args.frames, args.fps)
+    if args.command == "runs":
+        from finetune.runs import runs_table
+
+        table = runs_table(Path(args.root))
+        print(table)
+        return table
     from .push import push
 
     return push(args.adapter, args.repo, args.dry_run, args.private, args.token)

@@ -78,22 +78,23 @@ def test_a_run_that_trains_nothing_fails(tmp_path):
 
 
 class Interrupt(L.Callback):
+    """Ctrl-C at step 1, as the terminal sends it."""
+
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == 1:
-            raise KeyboardInterrupt
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_an_interrupted_run_exits_non_zero_with_a_checkpoint(tmp_path):
-    import signal
+    from finetune.run import train_command
 
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit) as exit_info:  # Lightning's graceful Ctrl-C: exit status 1
-            train(tiny(tmp_path, "+callbacks.interrupt._target_=test_run_safety.Interrupt"))
-    finally:
-        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C while it shuts down
-    assert exit_info.value.code == 1
-    assert torch.load(tmp_path / "checkpoints" / "on_exception.ckpt", weights_only=True)["global_step"] == 1
+    with pytest.raises(SystemExit) as exit_info:  # the step finishes, the checkpoint is written, exit 128 + SIGINT
+        train_command(tiny(tmp_path, "+callbacks.interrupt._target_=test_run_safety.Interrupt"))
+    assert exit_info.value.code == 130
+    assert torch.load(tmp_path / "checkpoints" / "on_exception.ckpt", weights_only=True)["global_step"] == 2
     assert not (tmp_path / "export").exists()
 
 

@@ -1,0 +1,207 @@
+"""Exact resume after an interruption at any point: SIGINT and SIGTERM delivered at seeded random steps and phases
+(data loading, inside the step, between optimizer and scheduler, during validation samples, during a checkpoint
+write) leave a checkpoint from which the run continues as the uninterrupted one (the same losses, bitwise the same
+adapter on CPU), or -- a second signal -- no new checkpoint at all. Also `ckpt_path=auto`, status.json, `latest`."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+
+import pytest
+import torch
+from conftest import compose
+from interrupt_harness import PHASES, RECORDS
+
+from finetune.checkpointing import RunInterrupted
+from finetune.run import train, train_command
+
+MAX_STEPS = 8
+# Validation samples at global steps 2, 4, 6, 8 (after step index 1, 3, 5, 7); last.ckpt after step index 2 and 5.
+AT = {"validation": (1, 3, 5), "checkpoint": (2, 5)}
+
+
+def config(run_dir, *extra: str):
+    return compose(["recipe=cogvideox_lora", "preset=tiny", "logger=none", f"run_dir={run_dir}", "data.demo_count=3",
+                    f"trainer.max_steps={MAX_STEPS}", "lr_scheduler=cosine", "lr_scheduler.warmup_steps=3",
+                    "callbacks.checkpoint.every_n_train_steps=3", "callbacks.samples.every_n_steps=2",
+                    "callbacks.samples.at_end=false", "callbacks.samples.generate_kwargs.num_inference_steps=1",
+                    "+callbacks.losses._target_=interrupt_harness.StepLosses", *extra])
+
+
+def points(count: int = 22, seed: int = 24) -> list[tuple[str, int, str]]:
+    """`count` (phase, step index, signal): every phase twice, the rest drawn at random; seeded."""
+    draw = random.Random(seed)
+    phases = [*PHASES, *PHASES]
+    phases += [draw.choice(PHASES) for _ in range(count - len(phases))]
+    chosen = []
+    for i, phase in enumerate(phases):
+        step = draw.choice(AT.get(phase, range(MAX_STEPS - 1)))
+        chosen.append((phase, step, ("SIGINT", "SIGTERM")[i % 2]))
+    return chosen
+
+
+def losses_of(run_dir) -> dict:
+    """Every micro-batch's loss of the runs in `run_dir`, each recorded once."""
+    records = RECORDS.pop(str(run_dir), [])
+    keys = [key for key, _ in records]
+    assert len(keys) == len(set(keys)), "a batch was trained twice"
+    return dict(records)
+
+
+def weights_of(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.trainable_state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    module = train(config(run_dir))
+    return weights_of(module), losses_of(run_dir)
+
+
+def signal_at(phase: str, step: int, signame: str, count: int = 1) -> list[str]:
+    return ["+callbacks.signal._target_=interrupt_harness.SignalAt", f"+callbacks.signal.step={step}",
+            f"+callbacks.signal.phase={phase}", f"+callbacks.signal.signame={signame}",
+            f"+callbacks.signal.count={count}"]
+
+
+def assert_same_run(weights: dict, losses: dict, reference) -> None:
+    ref_weights, ref_losses = reference
+    assert losses == ref_losses
+    assert weights.keys() == ref_weights.keys()
+    for key in weights:
+        assert torch.equal(weights[key], ref_weights[key]), key
+
+
+def test_the_points_cover_every_phase_and_both_signals():
+    chosen = points()
+    assert len(chosen) >= 20
+    assert {p for p, _, _ in chosen} == set(PHASES)
+    assert {s for _, _, s in chosen} == {"SIGINT", "SIGTERM"}
+
+
+@pytest.mark.parametrize("phase, step, signame", points())
+def test_an_interrupted_run_resumes_exactly(tmp_path, uninterrupted, phase, step, signame):
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RunInterrupted) as stopped:
+        train(config(tmp_path, *signal_at(phase, step, signame)))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # handlers given back
+    # the step the signal landed in was finished, and the checkpoint written at its end
+    assert stopped.value.signame == signame and stopped.value.step == step + 1
+    saved = tmp_path / "checkpoints" / "on_exception.ckpt"
+    assert torch.load(saved, weights_only=True)["global_step"] == step + 1
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["step"] == step + 1
+    assert status["resume"].endswith(f"run_dir={tmp_path.resolve()} ckpt_path=on_exception")
+    resumed = train(config(tmp_path, "ckpt_path=on_exception"))
+    assert_same_run(weights_of(resumed), losses_of(tmp_path), uninterrupted)
+    assert not saved.exists()  # a finished run removes it
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize("phase", ["forward", "optimizer"])
+def test_inside_an_accumulation_window_the_run_stops_at_the_window_end(tmp_path, tmp_path_factory, phase):
+    """Two micro-batches a step: a signal in the first waits for the second and the optimizer step (the accumulated
+    gradients are no checkpointed state)."""
+    accumulate = ["trainer.accumulate_grad_batches=2", "trainer.max_steps=4"]
+    reference_dir = tmp_path_factory.mktemp("accumulated")
+    reference = train(config(reference_dir, *accumulate))
+    reference = weights_of(reference), losses_of(reference_dir)
+    with pytest.raises(RunInterrupted) as stopped:
+        train(config(tmp_path, *accumulate, *signal_at(phase, 1, "SIGTERM")))
+    assert stopped.value.step == 2
+    resumed = train(config(tmp_path, *accumulate, "ckpt_path=on_exception"))
+    assert_same_run(weights_of(resumed), losses_of(tmp_path), reference)
+
+
+def test_a_second_signal_stops_at_once_and_writes_no_checkpoint(tmp_path, uninterrupted):
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit):  # Lightning's immediate Ctrl-C path: exit status 1
+        train(config(tmp_path, *signal_at("forward", 4, "SIGINT", count=2)))
+    assert signal.getsignal(signal.SIGINT) == handler  # Ctrl-C works again afterwards
+    assert not (tmp_path / "checkpoints" / "on_exception.ckpt").exists()  # no half-done step saved
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["resume"].endswith("ckpt_path=auto")
+    # the newest checkpoint is last.ckpt of step 3 (every 3 steps): `auto` resumes from it, exactly
+    losses_of(tmp_path)  # steps 4-5 ran in the stopped run and are trained again: forget them
+    resumed = train(config(tmp_path, "ckpt_path=auto"))
+    ref_weights, ref_losses = uninterrupted
+    assert losses_of(tmp_path) == {k: v for k, v in ref_losses.items() if k[0] >= 4}
+    assert_same_run(weights_of(resumed), ref_losses, (ref_weights, ref_losses))
+
+
+def test_auto_starts_afresh_in_an_empty_run_dir_and_resumes_a_populated_one(tmp_path, uninterrupted):
+    train(config(tmp_path, "ckpt_path=auto", "trainer.max_steps=3"))  # nothing there: a fresh start
+    assert json.loads((tmp_path / "status.json").read_text())["step"] == 3
+    resumed = train(config(tmp_path, "ckpt_path=auto"))  # the checkpoint of step 3: continues to 8
+    assert resumed.trainer.global_step == MAX_STEPS
+    assert_same_run(weights_of(resumed), losses_of(tmp_path), uninterrupted)
+
+
+def test_the_console_says_how_to_resume_and_the_exit_status_is_the_signals(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        train_command(config(tmp_path, *signal_at("backward", 2, "SIGTERM")))
+    assert exited.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "SIGTERM received: finishing the current step" in err
+    assert f"resume with:\n  python train.py run_dir={tmp_path.resolve()} ckpt_path=on_exception" in err
+    losses_of(tmp_path)
+
+
+def test_status_and_latest_after_finished_failed_and_interrupted_runs(tmp_path):
+    import lightning as L  # noqa: F401
+
+    from finetune import runs
+
+    outputs = tmp_path / "outputs" / "cogvideox_lora"
+    finished = outputs / "a"
+    train(config(finished, "trainer.max_steps=2"))
+    assert (outputs / "latest").resolve() == finished.resolve()
+    assert json.loads((finished / "status.json").read_text())["exports"] == [str(finished / "export")]
+    with pytest.raises(RunInterrupted):
+        train(config(outputs / "b", *signal_at("forward", 1, "SIGINT")))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config(outputs / "c", "+callbacks.crash._target_=test_training.Crash"))
+    assert (outputs / "latest").resolve() == finished.resolve()  # only a finished run becomes `latest`
+    failed = json.loads((outputs / "c" / "status.json").read_text())
+    assert failed["status"] == "failed" and "simulated crash" in failed["error"]
+    assert failed["resume"].endswith("ckpt_path=auto")  # the crash's checkpoint
+    table = runs.runs_table(tmp_path / "outputs")
+    lines = table.splitlines()
+    assert [line.split()[1] for line in lines if not line.startswith(" ")] == ["finished", "interrupted", "failed"]
+    assert f"export: {finished / 'export'}" in table and "ckpt_path=on_exception" in table
+    for run in "abc":
+        losses_of(outputs / run)
+
+
+def test_cogft_runs_lists_the_runs(tmp_path, capsys):
+    from finetune.cogft import run
+
+    run_dir = tmp_path / "outputs" / "cogvideox_lora" / "first"
+    train(config(run_dir, "trainer.max_steps=1", "callbacks.samples.every_n_steps=0"))
+    losses_of(run_dir)
+    (tmp_path / "outputs" / "other" / "killed").mkdir(parents=True)  # a folder of a run that left no status
+    (tmp_path / "outputs" / "other" / "killed" / "config.yaml").write_text("name: other\n")
+    capsys.readouterr()
+    run(["runs", str(tmp_path / "outputs")])
+    out = capsys.readouterr().out
+    assert re.search(rf"finished +1/1  {re.escape(str(run_dir))}\n", out)
+    assert "unknown (no status.json)" in out and "latest" not in out  # the link is not a second run
+
+
+def test_the_sbatch_example_composes():
+    """docs/run-safety.md's SLURM script: a fixed run_dir per job and ckpt_path=auto, composed as train.py would."""
+    import shlex
+
+    from test_readme import block_after
+
+    script = block_after("sbatch", "docs/run-safety.md")
+    assert "--requeue" in script and "--signal=B:TERM@" in script
+    (command,) = [line for line in script.splitlines() if line.startswith("srun python train.py ")]
+    overrides = shlex.split(command.replace("${SLURM_JOB_ID}", "1234"))[3:]
+    cfg = compose(overrides)
+    assert cfg.ckpt_path == "auto" and cfg.run_dir == "outputs/cogvideox_lora/job_1234"
+    assert cfg.strategy._target_.endswith("DDPStrategy") or "ddp" in str(cfg.strategy)
