@@ -98,7 +98,10 @@ class ModelFamily(nn.Module, ABC):
     def local_checkpoint(cls) -> str | None:
         """The local folder of `model.path` (a subclass names the settings it reads, e.g. `path`: a hub id downloaded,
         `tiny` built once, a folder checked), resolved once per run by `finetune.run.resolve_checkpoint` and handed to
-        `data_processor`, `trainable_module_names` and the constructor as `checkpoint`. None: nothing to resolve."""
+        `data_processor`, `trainable_module_names` and the constructor as `checkpoint`. None: nothing to resolve.
+        A subclass that names `weights` gets `weights=False` from `finetune.run.build`: a hub id then fetches only
+        what those checks read (`finetune.hub.resolve_pretrained`), and the weights download into the same folder
+        once every check passed (`finetune.run.fetch_weights`); without it, the whole checkpoint is fetched here."""
         return None
 
     @classmethod

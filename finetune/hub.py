@@ -19,10 +19,24 @@ def cache_root() -> Path:
     return Path(os.environ.get("COGFT_CACHE", Path.home() / ".cache" / "cog-finetune"))
 
 
+#: What the checks of a run read from a hub checkpoint before its weights download (`resolve_pretrained` with
+#: `weights=False`): configs (`model_index.json`, each component's `config.json`, the scheduler's), tokenizers (caption
+#: lengths, chat templates) and the weight index files (`*.safetensors.index.json`).
+CHECK_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "tokenizer*")
+#: Never fetched with them: weights (whatever their name), and code (the kit never runs `trust_remote_code`).
+NOT_CHECK_FILES = ("*.py", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.onnx", "*.msgpack",
+                   "*.h5")
+
+# A snapshot folder fetched without its weights -> (hub id, family): what `fetch_weights` completes.
+_awaiting_weights: dict[str, tuple[str, str]] = {}
+
+
 def resolve_pretrained(path: str, *, family: str, build_tiny: Callable[[Path], None],
-                       marker: str = "model_index.json") -> str:
+                       marker: str = "model_index.json", weights: bool = True) -> str:
     """Return a local directory holding the checkpoint, or stop at once with a message that says how
-    to point at a local copy or run the tiny demo."""
+    to point at a local copy or run the tiny demo. `weights=False`: a hub id fetches only `CHECK_FILES` into its
+    snapshot folder, and `fetch_weights(folder)` downloads the rest into the same folder once the run's checks
+    passed; a local folder and `tiny` are the same either way (nothing downloads)."""
     if path == "tiny":
         target = cache_root() / "tiny" / family
         if not (target / marker).exists():
@@ -37,13 +51,39 @@ def resolve_pretrained(path: str, *, family: str, build_tiny: Callable[[Path], N
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise ModelPathError(f"model.path={path!r}: no such directory. {_how_to(family, '<repo>')}")
-    from huggingface_hub import snapshot_download
+    if weights:
+        folder = _download(path, family, "the weights")
+        _awaiting_weights.pop(folder, None)
+        return folder
+    folder = _download(path, family, "its configs", allow_patterns=list(CHECK_FILES),
+                       ignore_patterns=list(NOT_CHECK_FILES))
+    _awaiting_weights[folder] = (path, family)
+    return folder
+
+
+def fetch_weights(folder: str | os.PathLike) -> None:
+    """Download the rest (the weights) of a hub checkpoint that `resolve_pretrained(weights=False)` fetched the configs
+    of, into the same snapshot folder (the commit it names), with huggingface_hub's progress bar. Nothing for any
+    other folder (a local one, `tiny`, a hub checkpoint already whole). Offline (`HF_HUB_OFFLINE=1`), weights missing
+    from the local cache stop the run with a `ModelPathError` and the fix."""
+    repo = _awaiting_weights.pop(str(folder), None)
+    if repo is None:
+        return
+    path, family = repo
+    from lightning.pytorch.utilities import rank_zero_info
+
+    rank_zero_info(f"model.path={path!r}: settings, data and LoRA targets checked; fetching the weights into {folder}")
+    _download(path, family, "the weights", revision=Path(folder).name)
+
+
+def _download(path: str, family: str, what: str, **patterns) -> str:
+    import huggingface_hub
 
     try:
-        return snapshot_download(path, allow_patterns=None)
+        return huggingface_hub.snapshot_download(path, **patterns)
     except Exception as err:  # offline, unknown repo, gated repo, no disk: all say the same thing
         raise ModelPathError(
-            f"model.path={path!r}: the weights could not be reached ({type(err).__name__}: "
+            f"model.path={path!r}: {what} could not be reached ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}). {_how_to(family, path)}") from None
 
 

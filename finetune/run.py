@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import runs
+from finetune import hub, runs
 from finetune.checkpointing import RunInterrupted, run_identity
 from finetune.console import quiet_known_warnings
 from finetune.errors import PathSettingError, RunDirError
@@ -65,15 +65,25 @@ def taking(method, settings: dict):
     return method(**{k: v for k, v in settings.items() if k in parameters})
 
 
-def resolve_checkpoint(model_cfg: DictConfig) -> str | None:
+def resolve_checkpoint(model_cfg: DictConfig, weights: bool = True) -> str | None:
     """The local folder of `model.path` (a hub id downloaded, `tiny` built once into the kit cache, a folder checked),
     through the family's `local_checkpoint`; None for a family without one. A run resolves it once (`build`) and
     hands it to `data_processor`, `trainable_module_names` and the constructor as `checkpoint`; the config keeps
-    the user's `model.path`."""
+    the user's `model.path`. `weights=False` (what `build` asks): a hub id fetches only its configs, tokenizers and
+    index files (`finetune.hub.CHECK_FILES`), enough for the checks; `fetch_weights` then downloads the rest."""
     family, settings = model_settings(model_cfg)
-    folder = taking(family.local_checkpoint, settings)
-    if folder is not None:  # a truncated weight file stops the run here, named, before any weight loads
-        check_weight_files(folder, f"model.path={settings.get('path')!r}")
+    folder = taking(family.local_checkpoint, {**settings, "weights": weights})
+    return fetch_weights(model_cfg, folder) if weights else folder
+
+
+def fetch_weights(model_cfg: DictConfig, folder: str | None) -> str | None:
+    """The weights of `folder` (`resolve_checkpoint`): a hub checkpoint fetched without them downloads the rest into
+    the same folder (`finetune.hub.fetch_weights`; a local folder or `tiny`: nothing); then a truncated weight file
+    stops the run here, named, before any weight loads."""
+    if folder is not None:
+        setting = f"model.path={model_settings(model_cfg)[1].get('path')!r}"
+        hub.fetch_weights(folder)
+        check_weight_files(folder, setting)
     return folder
 
 
@@ -129,10 +139,12 @@ def build(cfg: DictConfig, checked: bool = False) -> tuple[L.Trainer, FinetuneMo
     run_dir = Path(cfg.run_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     L.seed_everything(cfg.seed, workers=True)
-    checkpoint = resolve_checkpoint(cfg.model)  # the one place model.path is resolved (downloaded, built)
+    # the one place model.path is resolved (built; a hub id: its configs and tokenizers, no weights yet)
+    checkpoint = resolve_checkpoint(cfg.model, weights=False)
     datamodule = build_data(cfg, checkpoint)
     # LoRA targets and trained modules by name, on a weightless copy of the network
     check_trainable_modules(cfg, trainable_module_names(cfg.model, checkpoint))
+    fetch_weights(cfg.model, checkpoint)  # every check passed: a hub id's weights download now, each file checked
     module = build_module(cfg, checkpoint)
     if cfg.get("adapter_path"):  # an export (family.export) as the weights, e.g. with mode=test
         if ckpt_path:

@@ -149,11 +149,12 @@ class CogVideoX(DiffusersFamily):
                    max_sequence_length=max_sequence_length, enable_vae_tiling=False, pipeline=pipe)
 
     @classmethod
-    def local_checkpoint(cls, path: str) -> str:
-        """The local folder of `path` (hub id, folder, or `tiny`: built once into the kit cache)."""
+    def local_checkpoint(cls, path: str, weights: bool = True) -> str:
+        """The local folder of `path` (hub id, folder, or `tiny`: built once into the kit cache); `weights=False`:
+        a hub id's configs and tokenizers only (`finetune.hub.resolve_pretrained`)."""
         from recipes.cogvideox.tiny import save_tiny_cogvideox
 
-        return resolve_pretrained(path, family=cls.family_name,
+        return resolve_pretrained(path, family=cls.family_name, weights=weights,
                                   build_tiny=functools.partial(save_tiny_cogvideox, variant=cls.family_name))
 
     @classmethod

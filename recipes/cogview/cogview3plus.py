@@ -71,11 +71,12 @@ class CogView3Plus(BucketedImageFamily):
                              f"this recipe trains v-prediction as CogView3-Plus does.")
 
     @classmethod
-    def local_checkpoint(cls, path: str) -> str:
-        """The local folder of `path` (hub id, folder, or `tiny`: built once into the kit cache)."""
+    def local_checkpoint(cls, path: str, weights: bool = True) -> str:
+        """The local folder of `path` (hub id, folder, or `tiny`: built once into the kit cache); `weights=False`:
+        a hub id's configs and tokenizers only (`finetune.hub.resolve_pretrained`)."""
         from recipes.cogview.cogview3plus_tiny import save_tiny_cogview3plus
 
-        return resolve_pretrained(path, family="cogview3plus", build_tiny=save_tiny_cogview3plus)
+        return resolve_pretrained(path, family="cogview3plus", build_tiny=save_tiny_cogview3plus, weights=weights)
 
     def cache_namespace(self) -> str:
         return f"cogview3plus|{self.path}|encoders={self.encoder_files()}|{self.dtype_name}|{self.max_sequence_length}"

@@ -167,11 +167,12 @@ class CogView4(BucketedImageFamily):
                              f"not match inference.")
 
     @classmethod
-    def local_checkpoint(cls, path: str) -> str:
-        """The local folder of `path` (hub id, folder, or `tiny`: built once into the kit cache)."""
+    def local_checkpoint(cls, path: str, weights: bool = True) -> str:
+        """The local folder of `path` (hub id, folder, or `tiny`: built once into the kit cache); `weights=False`:
+        a hub id's configs and tokenizers only (`finetune.hub.resolve_pretrained`)."""
         from recipes.cogview.cogview4_tiny import save_tiny_cogview4
 
-        return resolve_pretrained(path, family="cogview4", build_tiny=save_tiny_cogview4)
+        return resolve_pretrained(path, family="cogview4", build_tiny=save_tiny_cogview4, weights=weights)
 
     def cache_namespace(self) -> str:
         return f"cogview4|{self.path}|encoders={self.encoder_files()}|{self.dtype_name}|text{self.max_sequence_length}"

@@ -65,7 +65,7 @@ def _plain(value):
     return value
 
 
-def resolve_model(path: str, tiny: dict | None = None) -> str:
+def resolve_model(path: str, tiny: dict | None = None, weights: bool = True) -> str:
     """The local checkpoint folder of `model.path`. For `tiny`, the tiny model built with the `model.tiny` settings
     (`recipes/cogvlm/tiny.py`), cached per settings: `cogvlm` without any, `cogvlm-<hash of the settings>` with."""
     tiny = _plain(tiny or {})
@@ -79,7 +79,7 @@ def resolve_model(path: str, tiny: dict | None = None) -> str:
         tiny_cogvlm_config(**{k: v for k, v in tiny.items() if k != "seed"})  # bad values fail here, before building
         family += "-" + hashlib.sha1(json.dumps(tiny, sort_keys=True).encode()).hexdigest()[:10]
     return resolve_pretrained(path, family=family, build_tiny=functools.partial(save_tiny_cogvlm, **tiny),
-                              marker="config.json")
+                              marker="config.json", weights=weights)
 
 
 def load_tokenizer(model_dir: str | os.PathLike, tokenizer_path: str | None = "lmsys/vicuna-7b-v1.5"):
@@ -198,9 +198,10 @@ class CogVLM(ModelFamily):
         self.model.requires_grad_(False)
 
     @classmethod
-    def local_checkpoint(cls, path: str, tiny: dict | None = None) -> str:
-        """The local folder of `path` (hub id, folder, or `tiny`: built once per `tiny` settings): `resolve_model`."""
-        return resolve_model(path, tiny)
+    def local_checkpoint(cls, path: str, tiny: dict | None = None, weights: bool = True) -> str:
+        """The local folder of `path` (hub id, folder, or `tiny`: built once per `tiny` settings): `resolve_model`;
+        `weights=False`: a hub id's configs and tokenizers only."""
+        return resolve_model(path, tiny, weights)
 
     @classmethod
     def data_processor(cls, checkpoint: str, tokenizer_path: str | None = "lmsys/vicuna-7b-v1.5",
