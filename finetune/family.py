@@ -13,7 +13,9 @@ resolved once by `finetune.run.build`, the folder handed to `data_processor`, `t
 constructor as `checkpoint`), `export_format` with `export_formats` and `lora_names` (other LoRA file layouts: the
 `cogft` command and `callbacks.export.formats`). What the `cogft` command asks besides: `merge_loras` and
 `save_merged` (`cogft merge`, `cogft generate --lora`), `base_checkpoint_dir` (a merged model is not merged again),
-`generation_options` and `prepare_inference` (`cogft generate`), `model_card_usage` (`cogft push`).
+`generation_options` and `prepare_inference` (`cogft generate`), `model_card_usage` (`cogft push`). `base_record` (what
+model this is: family, variant, base checkpoint) goes into every LoRA export's record (`model_record`) and decides
+whether a LoRA is applied to this model (`finetune.lora_formats.record.check_lora_fits`).
 """
 
 from __future__ import annotations
