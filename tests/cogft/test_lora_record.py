@@ -162,3 +162,12 @@ def test_a_file_without_the_record_is_applied_with_a_note(run_dir, tmp_path, cap
     assert paths and paths[0].is_file()
     err = capsys.readouterr().err
     assert "has no cogft_model record" in err and "shapes were checked" in err
+
+
+def test_the_config_checker_takes_adapter_force_as_a_bool():
+    from finetune.settings.check import config_problems
+
+    assert compose(["recipe=cogvideox_lora", "preset=tiny"]).adapter_force is False  # conf/train.yaml's default
+    assert config_problems(compose(["recipe=cogvideox_lora", "preset=tiny", "adapter_force=true"])) == []
+    problems = config_problems(compose(["recipe=cogvideox_lora", "preset=tiny", "adapter_force=maybe"]))
+    assert any("adapter_force" in p for p in problems), problems
