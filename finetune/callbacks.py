@@ -17,6 +17,7 @@ from finetune.atomic import atomic_path
 from finetune.checkpointing import interrupt_requested
 from finetune.family import GenerationRequest
 from finetune.guards import TrainingFailed
+from finetune.lora_formats.record import engine_record
 from finetune.loggers import log_metrics
 from finetune.media import log_samples, save_samples
 
@@ -175,9 +176,11 @@ class ExportAdapter(L.Callback):
                 try:
                     with atomic_path(directory, replace=publish) as staging:
                         staging.mkdir(parents=True)
-                        path = module.family.export(staging, module.adapter)
-                        extra = [module.family.export_format(staging, module.adapter, fmt) for fmt in self.formats
-                                 if fmt not in module.family.export_formats[:1]]
+                        # the engine's part of the record the family keeps in the files (it adds the model's)
+                        record = engine_record(module.adapter, module.identity.get("recipe"), trainer.global_step)
+                        path = module.family.export(staging, module.adapter, record)
+                        extra = [module.family.export_format(staging, module.adapter, fmt, record)
+                                 for fmt in self.formats if fmt not in module.family.export_formats[:1]]
                 except OSError as err:
                     raise OSError(err.errno, f"could not write the export {directory} ({err.strerror or err}); the "
                                              f"previous export, if any, is kept.") from None

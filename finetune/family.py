@@ -13,7 +13,9 @@ resolved once by `finetune.run.build`, the folder handed to `data_processor`, `t
 constructor as `checkpoint`), `export_format` with `export_formats` and `lora_names` (other LoRA file layouts: the
 `cogft` command and `callbacks.export.formats`). What the `cogft` command asks besides: `merge_loras` and
 `save_merged` (`cogft merge`, `cogft generate --lora`), `base_checkpoint_dir` (a merged model is not merged again),
-`generation_options` and `prepare_inference` (`cogft generate`), `model_card_usage` (`cogft push`).
+`generation_options` and `prepare_inference` (`cogft generate`), `model_card_usage` (`cogft push`). `base_record` (what
+model this is: family, variant, base checkpoint) goes into every LoRA export's record (`model_record`) and decides
+whether a LoRA is applied to this model (`finetune.lora_formats.record.check_lora_fits`).
 """
 
 from __future__ import annotations
@@ -131,8 +133,25 @@ class ModelFamily(nn.Module, ABC):
         """The training objective on an encoded batch (a scalar)."""
 
     @abstractmethod
-    def export(self, directory: str | os.PathLike, adapter) -> Path:
-        """Write what `adapter` trained in the format the ecosystem loads; returns the written file or folder."""
+    def export(self, directory: str | os.PathLike, adapter, record: dict | None = None) -> Path:
+        """Write what `adapter` trained in the format the ecosystem loads; returns the written file or folder. A LoRA
+        file keeps `self.model_record(record)` in its header (`finetune.lora_formats.files.MODEL_KEY`); `record` is
+        the engine's part (recipe, global step, adapter settings, kit version: `ExportAdapter`), None outside a run."""
+
+    def base_record(self) -> dict:
+        """What model this is, for the record an export keeps and the check before a LoRA is applied
+        (`finetune.lora_formats.record.check_lora_fits`): `family` (LoRAs of another family are refused), `variant`
+        (e.g. "T2V 1.0", "I2V 1.5"; None: one kind only) and `base` (`record.base_identity` of the checkpoint: hub
+        id and revision, or a local path and its configs' hash; None: not recorded). Default: the class name."""
+        return {"family": type(self).__name__, "variant": None, "base": None}
+
+    def model_record(self, record: dict | None = None) -> dict:
+        """The record a LoRA export keeps: the engine's part `record` (without one: the kit version only) with this
+        model's `base_record`."""
+        from finetune.checkpointing import kit_version
+
+        return {"recipe": None, "global_step": None, "adapter": None, "kit_version": kit_version(),
+                **(record or {}), **self.base_record()}
 
     def cache_namespace(self) -> str | None:
         """Everything `encode` depends on besides the sample (the model and its encoders' files, dtype, sizes,
@@ -156,9 +175,9 @@ class ModelFamily(nn.Module, ABC):
         """Metrics and per-sample rows on a batch of the validation or test split."""
         return Evaluation(metrics={})
 
-    def export_format(self, directory: str | os.PathLike, adapter, fmt: str) -> Path:
-        """Write what `adapter` trained as `fmt` (one of `export_formats` after the first) next to `export`'s file;
-        returns the written file."""
+    def export_format(self, directory: str | os.PathLike, adapter, fmt: str, record: dict | None = None) -> Path:
+        """Write what `adapter` trained as `fmt` (one of `export_formats` after the first) next to `export`'s file,
+        with `model_record(record)` in its header as `export` does; returns the written file."""
         raise ValueError(f"{type(self).__name__} writes no {fmt!r} files; callbacks.export.formats takes "
                          f"{list(self.export_formats) or 'nothing but its own export'}.")
 

@@ -23,6 +23,7 @@ from finetune.checkpointing import RunInterrupted, run_identity
 from finetune.console import quiet_known_warnings
 from finetune.errors import PathSettingError, RunDirError
 from finetune.hub import check_weight_files
+from finetune.lora_formats.record import check_lora_fits
 from finetune.module import FinetuneModule
 from finetune.settings.check import ConfigError, check_choices, check_config, check_trainable_modules
 
@@ -149,6 +150,7 @@ def build(cfg: DictConfig, checked: bool = False) -> tuple[L.Trainer, FinetuneMo
     if cfg.get("adapter_path"):  # an export (family.export) as the weights, e.g. with mode=test
         if ckpt_path:
             raise ConfigError("pass ckpt_path or adapter_path, not both: a checkpoint already holds the adapter")
+        check_lora_fits(cfg.adapter_path, module.family, cfg.get("adapter_force", False), "adapter_force=true")
         module.family.load_adapter(cfg.adapter_path, module.adapter)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     logger = instantiate(cfg.logger) if cfg.logger else False  # conf/logger/none.yaml: no logger

@@ -39,6 +39,9 @@ def _model_options(parser) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                         help="a LoRA file or export folder in any format `inspect` knows, at SCALE (default 1.0); "
                              "repeat for several")
+    parser.add_argument("--force", action="store_true",
+                        help="apply a --lora recorded or recognized as another model family's (its tensor shapes "
+                             "must still fit this model's modules)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,14 +162,16 @@ def _dispatch(args):
     if args.command == "merge":
         from .models import merge
 
-        return merge(args.recipe, args.lora, args.out, args.preset, args.model, args.dtype, args.blend_full_modules)
+        return merge(args.recipe, args.lora, args.out, args.preset, args.model, args.dtype, args.blend_full_modules,
+                     args.force)
     if args.command == "generate":
         from .models import generate
 
         if not args.prompt and not args.image:
             raise SystemExit("cogft generate: pass --prompt (diffusion recipes) or --image (CogVLM).")
         return generate(args.recipe, args.prompt, args.out, args.preset, args.model, args.dtype, args.lora, args.image,
-                        args.seed, args.steps, args.guidance, args.height, args.width, args.frames, args.fps)
+                        args.seed, args.steps, args.guidance, args.height, args.width, args.frames, args.fps,
+                        args.force)
     if args.command == "runs":
         from finetune.runs import runs_table
 

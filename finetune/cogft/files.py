@@ -6,7 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.lora_formats.files import LoraFile, LoraFileError, LoraNames, read_lora_file, to_adapter, trained_record
+from finetune.lora_formats.files import (
+    MODEL_KEY,
+    LoraFile,
+    LoraFileError,
+    LoraNames,
+    model_record,
+    read_lora_file,
+    to_adapter,
+    trained_record,
+)
 from finetune.lora_formats.writing import write_adapter
 from finetune.lora_formats.loaders import describe
 
@@ -44,6 +53,7 @@ def inspect(path: str, family: str | None = None, diffusers: str | None = None, 
         source = what if family else f"unknown: {what}"
     info = describe(file, lora_names(family), {"diffusers": diffusers, "peft": peft})
     info["family"] = {"name": family, "source": source}
+    info["model_record"] = model_record(file.header)  # what the kit's export says it was trained on (else None)
     if family is None:  # the diffusers/PEFT claims hold for any model; native ComfyUI's depend on it
         info["loaders"]["comfyui_native"] = {"loads": None, "scale": None, "trained_scale": None,
                                              "note": "unknown model (native ComfyUI runs CogVideoX only): --family"}
@@ -70,6 +80,7 @@ def format_report(info: dict) -> str:
              f"targets     {', '.join(info['targets']) or '-'}",
              "finite      " + ("yes" if not info["non_finite"] else
                                f"NO: {len(info['non_finite'])} tensors hold NaN/inf, e.g. {info['non_finite'][0]}"),
+             *record_lines(info.get("model_record")),
              "", f"loaders, for diffusers {info['versions'].get('diffusers')} and peft {info['versions'].get('peft')} "
                  f"(--diffusers-version, --peft-version):",
              f"{'loader':34s} {'loads':6s} {'scale':8s} {'x trained':10s} why"]
@@ -79,6 +90,24 @@ def format_report(info: dict) -> str:
         lines.append(f"{LOADERS[key]:34s} {loads:6s} {scale(entry['scale']):8s} "
                      f"{'-' if strength is None else f'{strength:g}':10s} {entry['note']}")
     return "\n".join(lines)
+
+
+def record_lines(record: dict | None) -> list[str]:
+    """The model record's fields (`finetune.lora_formats.record`), or a note that the file has none."""
+    if record is None:
+        return [f"record      none: no {MODEL_KEY} in the header (an older kit export or another tool's file); the "
+                f"base model it was trained on is not recorded, so generate/merge/adapter_path check it by its names "
+                f"and shapes only"]
+    base = record.get("base") or {}
+    where = (f"{base.get('hub_id')} revision {base.get('revision') or 'unknown'}" if "hub_id" in base else
+             f"{base.get('path')} configs sha256 {(base.get('config_sha256') or 'unknown')[:16]}" if base else "-")
+    adapter = record.get("adapter") or {}
+    settings = ", ".join(f"{k} {adapter[k]}" for k in ("rank", "alpha") if k in adapter)
+    return [f"base model  {where}",
+            f"family      {record.get('family') or '-'}" + (f" ({record['variant']})" if record.get("variant") else ""),
+            f"recipe      {record.get('recipe') or '-'}   global step {record.get('global_step', '-')}",
+            f"adapter     {adapter.get('type', '-')}" + (f" ({settings})" if settings else ""),
+            f"kit         cog-finetune {record.get('kit_version') or '-'}"]
 
 
 def convert(source: str, out: str, to: str, family: str | None = None, alpha: float | None = None,
@@ -96,7 +125,8 @@ def convert(source: str, out: str, to: str, family: str | None = None, alpha: fl
                             f"CogVideoX family the LoRA is for (--family cogvideox).")
     adapter = to_adapter(file, names, alpha=alpha)
     # a folded source (the kit's export) keeps its record: its lora_B already holds the trained alpha / rank
-    path = write_adapter(adapter, out, to, names, fold=fold_alpha, trained=trained_record(file.header))
+    path = write_adapter(adapter, out, to, names, fold=fold_alpha, trained=trained_record(file.header),
+                         model=model_record(file.header))
     print(f"{file.path} ({adapter.layout}, rank {sorted(adapter.ranks())}, alpha {sorted(adapter.alphas())} from "
           f"{adapter.alpha_source}) -> {path} ({to}{', alpha folded into lora_B' if fold_alpha else ''})")
     return path

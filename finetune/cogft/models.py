@@ -43,6 +43,7 @@ def export(ckpt: str, out: str | None = None, config: str | None = None, formats
     from omegaconf import OmegaConf
 
     from finetune.checkpointing import identity_differences, run_identity
+    from finetune.lora_formats.record import engine_record
     from finetune.run import build_module
 
     ckpt_path = Path(ckpt).expanduser()
@@ -65,10 +66,11 @@ def export(ckpt: str, out: str | None = None, config: str | None = None, formats
                          f"adapter: pass the config it was trained with (--config).")
     module.load_state_dict(state, strict=False)
     directory = Path(out) if out else run_dir / "export"
-    written = [module.family.export(directory, module.adapter)]
+    record = engine_record(module.adapter, str(cfg.name), checkpoint.get("global_step"))
+    written = [module.family.export(directory, module.adapter, record)]
     for fmt in formats or []:
         if fmt not in module.family.export_formats[:1]:
-            written.append(module.family.export_format(directory, module.adapter, fmt))
+            written.append(module.family.export_format(directory, module.adapter, fmt, record))
     for path in written:
         print(f"wrote {path}")
     return written
@@ -89,8 +91,17 @@ def model_overrides(model: str | None, dtype: str | None) -> list[str]:
 
 
 # -- merge -----------------------------------------------------------------------------------------
+def check_loras(parsed: list[tuple[str, float]], family, force: bool) -> None:
+    """Each LoRA is for this model (`finetune.lora_formats.record.check_lora_fits`): another family's is refused
+    unless `--force`; one whose tensors do not fit the model's modules always."""
+    from finetune.lora_formats.record import check_lora_fits
+
+    for path, _ in parsed:
+        check_lora_fits(path, family, force=force, override="--force")
+
+
 def merge(recipe: str, loras: list[str], out: str, preset: str | None = None, model: str | None = None,
-          dtype: str | None = None, blend_full_modules: bool = False) -> Path:
+          dtype: str | None = None, blend_full_modules: bool = False, force: bool = False) -> Path:
     """Base + LoRAs at their scales, saved as a full model: the pipeline in diffusers layout (CogVLM: the HF layout
     with its tokenizer), with `cogft_merge.json` saying what was merged. A scale multiplies the LoRA update; fully
     trained modules come as trained, or at the same scale with `blend_full_modules` (`ModelFamily.merge_loras`)."""
@@ -103,6 +114,7 @@ def merge(recipe: str, loras: list[str], out: str, preset: str | None = None, mo
     parsed = [parse_lora(spec) for spec in loras]
     if not parsed:
         raise SystemExit("cogft merge: pass at least one --lora PATH[:SCALE].")
+    check_loras(parsed, family, force)
     record = family.merge_loras(parsed, blend_full_modules=blend_full_modules)
     out_dir = family.save_merged(Path(out))
     (out_dir / MERGE_RECORD).write_text(json.dumps({"merged": True, "recipe": recipe, "base": cfg.model.path,
@@ -115,7 +127,8 @@ def merge(recipe: str, loras: list[str], out: str, preset: str | None = None, mo
 def generate(recipe: str, prompts: list[str], out: str, preset: str | None = None, model: str | None = None,
              dtype: str | None = None, loras: list[str] = (), images: list[str] = (), seed: int = 42,
              steps: int | None = None, guidance: float | None = None, height: int | None = None,
-             width: int | None = None, frames: int | None = None, fps: int | None = None) -> list[Path]:
+             width: int | None = None, frames: int | None = None, fps: int | None = None,
+             force: bool = False) -> list[Path]:
     """Videos (text- and image-to-video), images (text-to-image) or captcha readings (CogVLM) from the base model
     with the LoRAs merged at their scales; written under `out`, paths printed."""
     sizes = {"model.height": height, "model.width": width, "model.num_frames": frames}
@@ -123,7 +136,9 @@ def generate(recipe: str, prompts: list[str], out: str, preset: str | None = Non
     cfg = compose_recipe(recipe, preset, overrides)
     family = build_family(cfg)
     if loras:
-        family.merge_loras([parse_lora(spec) for spec in loras])
+        parsed = [parse_lora(spec) for spec in loras]
+        check_loras(parsed, family, force)
+        family.merge_loras(parsed)
     options = {k: v for k, v in {"num_inference_steps": steps, "guidance_scale": guidance, "fps": fps}.items()
                if v is not None and k in family.generation_options()}
     family.prepare_inference()

@@ -368,6 +368,21 @@ def trained_record(header: dict) -> dict | None:
     return json.loads(raw) if raw else None
 
 
+#: the header key of the kit's record of what a LoRA was trained on and by: the base model (hub id and revision, or
+#: a local folder and a hash of its configs), family and variant, recipe, global step, adapter settings, kit version
+#: (one JSON value; `ModelFamily.model_record`). Loaders never read it (docs/lora-formats.md#the-model-record)
+MODEL_KEY = "cogft_model"
+
+
+def model_record(header: dict) -> dict | None:
+    """The kit's `MODEL_KEY` record of a file, or None (an older kit's export, another tool's file)."""
+    raw = header.get(MODEL_KEY)
+    try:
+        return json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        return None
+
+
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:

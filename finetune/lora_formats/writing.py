@@ -12,6 +12,7 @@ import torch
 
 from finetune.lora_formats.files import (
     DIFFUSERS_FILE,
+    MODEL_KEY,
     TRAINED_KEY,
     Adapter,
     LoraFileError,
@@ -113,9 +114,10 @@ DEFAULT_NAMES = {"diffusers": DIFFUSERS_FILE, "comfy": "comfyui_lora.safetensors
 
 
 def write_adapter(adapter: Adapter, out: str | Path, to: str, names: LoraNames, fold: bool = False,
-                  targets: list[str] | None = None, trained: dict | None = None) -> Path:
+                  targets: list[str] | None = None, trained: dict | None = None, model: dict | None = None) -> Path:
     """Write `adapter` as `to` (diffusers | comfy | kohya). `out`: a .safetensors path, or a folder (the format's
-    usual file name inside). Refuses non-finite tensors."""
+    usual file name inside). `model`: the kit's record of the base model and the run (`MODEL_KEY`), kept in the
+    header of every format. Refuses non-finite tensors."""
     from safetensors.torch import save_file
 
     if to not in FORMATS:
@@ -128,6 +130,8 @@ def write_adapter(adapter: Adapter, out: str | Path, to: str, names: LoraNames, 
         tensors = native_tensors(adapter, names, fold)
     else:
         tensors = kohya_tensors(adapter, fold)
+    if model is not None:
+        header[MODEL_KEY] = json.dumps(model, sort_keys=True)
     out = Path(out)
     path = out if out.suffix == ".safetensors" else out / DEFAULT_NAMES[to]
     path.parent.mkdir(parents=True, exist_ok=True)

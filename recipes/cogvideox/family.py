@@ -111,6 +111,7 @@ class CogVideoX(DiffusersFamily):
                       "max_sequence_length": ">=1"}  # checked by finetune.settings.check before anything is built
     #: the tiny model `path=tiny` builds (a variant of `recipes.cogvideox.tiny`); also names the encoder cache
     family_name = "cogvideox"
+    base_family, base_variant = "CogVideoX", "T2V 1.0"
     #: whether each clip comes with the image it starts from (image-to-video)
     conditioning_image = False
 
@@ -240,3 +241,4 @@ class CogVideoX15(CogVideoX):
     finetune) and rotary positions on the slice grid."""
 
     family_name = "cogvideox15"
+    base_variant = "T2V 1.5"

@@ -47,6 +47,7 @@ class CogVideoXImageToVideo(CogVideoX):
 
     pipeline_class = "CogVideoXImageToVideoPipeline"
     family_name = "cogvideox_i2v"
+    base_variant = "I2V 1.0"
     conditioning_image = True  # each clip with its first frame (`image`, [3, H, W] in [-1, 1])
     setting_ranges = {**CogVideoX.setting_ranges, "image_dropout": "[0, 1]"}
 
@@ -149,3 +150,4 @@ class CogVideoX15ImageToVideo(CogVideoXImageToVideo):
     the model card: sides 768..1360, multiples of 16, are settings: conf/model/cogvideox15_i2v.yaml)."""
 
     family_name = "cogvideox15_i2v"
+    base_variant = "I2V 1.5"

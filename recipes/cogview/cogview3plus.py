@@ -24,6 +24,7 @@ import torch
 from finetune.adapters import LoRA, merged_state_dict
 from finetune.family import GenerationRequest, Sample, parse_dtype
 from finetune.hub import resolve_pretrained
+from finetune.lora_formats.files import MODEL_KEY
 from recipes.cogview.cogview4 import BucketedImageFamily
 from recipes.diffusion.objectives import sample_latents, v_prediction_loss
 
@@ -48,6 +49,7 @@ class CogView3Plus(BucketedImageFamily):
     block_class_names = ("CogView3PlusTransformerBlock",)  # what fsdp2 shards and block swap streams
     display_name = "CogView3-Plus"
     transformer_class = "CogView3PlusTransformer2DModel"
+    base_family = "CogView3-Plus"
     setting_ranges = {"height": ">0", "width": ">0", "max_sequence_length": ">=1", "bucket_pixels": ">0",
                       "min_side": ">0", "max_side": ">0", "bucket_multiple": ">=1",
                       "max_pixels": ">0"}  # checked by finetune.settings.check before anything is built
@@ -116,13 +118,14 @@ class CogView3Plus(BucketedImageFamily):
         return self.generate_image(request, generator, num_inference_steps, guidance_scale)
 
     # -- export ---------------------------------------------------------------------------------
-    def export(self, directory: str | os.PathLike, adapter) -> Path:
+    def export(self, directory: str | os.PathLike, adapter, record: dict | None = None) -> Path:
         """LoRA: the merged transformer (`write_merged_transformer`) and the LoRA itself; full: `transformer/`."""
         if isinstance(adapter, LoRA):
-            return self.write_merged_transformer(directory, adapter.adapter_name)
+            return self.write_merged_transformer(directory, adapter.adapter_name, self.model_record(record))
         return self.write_transformer(directory)
 
-    def write_merged_transformer(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    def write_merged_transformer(self, directory: str | os.PathLike, adapter_name: str = "default",
+                                 model: dict | None = None) -> Path:
         """`directory/transformer/` with the LoRA folded into the weights, in diffusers layout, and
         `directory/transformer_lora.safetensors` (the LoRA, its settings in the header). The training model is
         untouched."""
@@ -136,7 +139,8 @@ class CogView3Plus(BucketedImageFamily):
         state, config = self.lora_state(adapter_name)
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         save_file({f"transformer.{k}": v for k, v in state.items()}, str(Path(directory) / LORA_FILE),
-                  metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config, default=str)})
+                  metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config, default=str),
+                            **({MODEL_KEY: json.dumps(model, sort_keys=True)} if model else {})})
         return path
 
     def lora_file_name(self) -> str:

@@ -126,6 +126,7 @@ class CogView4(BucketedImageFamily):
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     block_class_names = ("CogView4TransformerBlock",)  # what fsdp2 shards and block swap streams
     transformer_class = "CogView4Transformer2DModel"
+    base_family = "CogView4"
     setting_ranges = {"height": ">0", "width": ">0", "max_sequence_length": ">=1", "logit_std": ">0",
                       "bucket_pixels": ">0", "min_side": ">0", "max_side": ">0", "bucket_multiple": ">=1",
                       "max_pixels": ">0"}  # checked by finetune.settings.check before anything is built

@@ -338,24 +338,36 @@ class CogVLM(ModelFamily):
         enable()
 
     # -- export -----------------------------------------------------------------------------------
-    def export(self, directory: str | os.PathLike, adapter) -> Path:
-        """LoRA: a PEFT adapter folder (`write_peft_adapter`); full finetune: the whole model in the checkpoint's
-        layout (`write_merged_model`)."""
+    def export(self, directory: str | os.PathLike, adapter, record: dict | None = None) -> Path:
+        """LoRA: a PEFT adapter folder (`write_peft_adapter`, the model record in its safetensors header); full
+        finetune: the whole model in the checkpoint's layout (`write_merged_model`)."""
         if isinstance(adapter, LoRA):
-            return self.write_peft_adapter(directory, adapter.adapter_name)
+            return self.write_peft_adapter(directory, adapter.adapter_name, self.model_record(record))
         return self.write_merged_model(directory)
 
-    def write_peft_adapter(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    def base_record(self) -> dict:
+        """CogVLM or CogVLM2 (its config: CogVLM2 has multi-query heads), on the checkpoint `path` names."""
+        from finetune.lora_formats.record import base_identity
+
+        variant = "CogVLM2" if self.model.config.num_multi_query_heads is not None else "CogVLM"
+        return {"family": "CogVLM", "variant": variant, "base": base_identity(self.path, self.local_path)}
+
+    def write_peft_adapter(self, directory: str | os.PathLike, adapter_name: str = "default",
+                           model: dict | None = None) -> Path:
         """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors, keys `base_model.model.*`,
-        fully trained modules included): `PeftModel.from_pretrained(CogVLMForCausalLM.from_pretrained(base), dir)`."""
+        fully trained modules included): `PeftModel.from_pretrained(CogVLMForCausalLM.from_pretrained(base), dir)`.
+        `model`: the kit's record (`MODEL_KEY`) for the safetensors header, which PEFT does not read."""
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
+
+        from finetune.lora_formats.files import MODEL_KEY
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = get_peft_model_state_dict(self.model, adapter_name=adapter_name)
         state = {f"base_model.model.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()}
-        save_file(state, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+        save_file(state, directory / "adapter_model.safetensors",
+                  metadata={"format": "pt", **({MODEL_KEY: json.dumps(model, sort_keys=True)} if model else {})})
         config = copy.deepcopy(self.model.peft_config[adapter_name])
         config.base_model_name_or_path = self.local_path if self.path == "tiny" else self.path
         config.inference_mode = True

@@ -114,12 +114,23 @@ class DiffusersFamily(ModelFamily):
         return {name: type(module).__name__ for name, module in transformer.named_modules() if name}
 
     # -- export and reload ------------------------------------------------------------------------
-    def export(self, directory: str | os.PathLike, adapter) -> Path:
-        """LoRA: `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(dir)`; full finetune: the
-        transformer in diffusers layout (`transformer/`)."""
+    def export(self, directory: str | os.PathLike, adapter, record: dict | None = None) -> Path:
+        """LoRA: `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(dir)`, its header keeping the model
+        record; full finetune: the transformer in diffusers layout (`transformer/`)."""
         if isinstance(adapter, LoRA):
-            return self.write_lora_weights(directory, adapter.adapter_name)
+            return self.write_lora_weights(directory, adapter.adapter_name, self.model_record(record))
         return self.write_transformer(directory)
+
+    #: what `base_record` calls the family and this class's variant of it (None: the family has one kind)
+    base_family: str = "diffusers"
+    base_variant: str | None = None
+
+    def base_record(self) -> dict:
+        """`base_family`, `base_variant` and the checkpoint `path` was loaded from (`base_identity`)."""
+        from finetune.lora_formats.record import base_identity
+
+        return {"family": self.base_family, "variant": self.base_variant,
+                "base": base_identity(self.path, self.checkpoint_dir)}
 
     def lora_state(self, adapter_name: str) -> tuple[dict[str, torch.Tensor], dict]:
         """The adapter's tensors (peft key names, on CPU) and its settings (rank, alpha, targets)."""
@@ -132,7 +143,8 @@ class DiffusersFamily(ModelFamily):
         state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         return state, self.transformer.peft_config[adapter_name].to_dict()
 
-    def write_lora_weights(self, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    def write_lora_weights(self, directory: str | os.PathLike, adapter_name: str = "default",
+                           model: dict | None = None) -> Path:
         """The keys and file name `pipe.save_lora_weights` writes, with alpha/rank folded into lora_B and a header of
         the fields every supported peft takes (alpha = rank), the trained rank and alpha kept beside it: diffusers
         0.33 (which ignores the header), 0.34+ with any peft >= the kit's pin, ComfyUI-CogVideoXWrapper and PEFT all
@@ -142,7 +154,7 @@ class DiffusersFamily(ModelFamily):
 
         state, config = self.lora_state(adapter_name)
         return write_adapter(from_peft_state(state, config), Path(directory) / LORA_FILE, "diffusers",
-                             self.lora_names, fold=True, targets=sorted(config["target_modules"]))
+                             self.lora_names, fold=True, targets=sorted(config["target_modules"]), model=model)
 
     def write_transformer(self, directory: str | os.PathLike) -> Path:
         """The transformer in the checkpoint's layout (`transformer/`): pass it to
@@ -181,15 +193,16 @@ class DiffusersFamily(ModelFamily):
     lora_names = LoraNames()  # `transformer.`-prefixed keys; a family that native ComfyUI runs adds its names
     export_formats = ("diffusers",)
 
-    def export_format(self, directory: str | os.PathLike, adapter, fmt: str) -> Path:
+    def export_format(self, directory: str | os.PathLike, adapter, fmt: str, record: dict | None = None) -> Path:
         """The trained LoRA as `fmt` (`finetune.lora_formats.writing.FORMATS`: comfy, kohya) beside the diffusers file."""
         from finetune.lora_formats.files import from_peft_state
         from finetune.lora_formats.writing import write_adapter
 
         if fmt not in self.export_formats or not isinstance(adapter, LoRA):
-            return super().export_format(directory, adapter, fmt)
+            return super().export_format(directory, adapter, fmt, record)
         state, config = self.lora_state(adapter.adapter_name)
-        return write_adapter(from_peft_state(state, config), directory, fmt, self.lora_names)
+        return write_adapter(from_peft_state(state, config), directory, fmt, self.lora_names,
+                             model=self.model_record(record))
 
     def merge_loras(self, loras: list[tuple[str, float]], blend_full_modules: bool = False) -> list[dict]:
         """Each LoRA file or folder (any layout `cogft inspect` knows, read with `lora_names`) at its scale into the

@@ -93,6 +93,9 @@ def test_cogvlm_export_loads_with_peft(tiny_cogvlm, tmp_path):
     assert info["layout"] == "peft" and info["full_tensors"] > 0  # the fully trained modules travel with it
     assert info["loaders"]["peft"]["scale"] == config.alpha / config.rank == info["trained_scale"]
     assert not info["loaders"]["diffusers"]["loads"] and not info["loaders"]["comfyui_native"]["loads"]
+    record = info["model_record"]  # kept in the PEFT file's safetensors header, which PEFT does not read
+    assert (record["family"], record["recipe"], record["base"]["path"]) == ("CogVLM", "cogvlm_captcha_lora", "tiny")
+    assert (record["adapter"]["rank"], record["adapter"]["alpha"]) == (config.rank, config.alpha)
     family = module.family.eval()
     batch = family.processor.prompt_batch([Image.new("RGB", (28, 28), (200, 30, 30))])
     base = CogVLMForCausalLM.from_pretrained(family.local_path, dtype=torch.float32)

@@ -27,7 +27,7 @@ class Bare(ModelFamily):
     def training_loss(self, encoded):
         return 0
 
-    def export(self, directory, adapter):
+    def export(self, directory, adapter, record=None):
         return Path(directory)
 
 

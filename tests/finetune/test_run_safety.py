@@ -180,7 +180,7 @@ def test_a_failed_export_keeps_the_previous_one(tmp_path, monkeypatch):
     good = exported.read_bytes()
     (export,) = [c for c in module.trainer.callbacks if type(c).__name__ == "ExportAdapter"]
 
-    def broken(directory, adapter):
+    def broken(directory, adapter, record=None):
         (directory / "pytorch_lora_weights.safetensors").write_bytes(b"half")
         raise OSError(errno.EDQUOT, "Disk quota exceeded")
 
