@@ -139,6 +139,10 @@ def build(cfg: DictConfig, checked: bool = False) -> tuple[L.Trainer, FinetuneMo
         check_config(cfg)  # every setting's type, range and name, before anything is read or built
     run_dir = Path(cfg.run_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    if cfg.get("adapter_path"):
+        if ckpt_path:
+            raise ConfigError("pass ckpt_path or adapter_path, not both: a checkpoint already holds the adapter")
+        runs.check_adapter_path(cfg.adapter_path)  # before anything loads: a missing export, a failed run's folder
     L.seed_everything(cfg.seed, workers=True)
     # the one place model.path is resolved (built; a hub id: its configs and tokenizers, no weights yet)
     checkpoint = resolve_checkpoint(cfg.model, weights=False)
@@ -148,8 +152,6 @@ def build(cfg: DictConfig, checked: bool = False) -> tuple[L.Trainer, FinetuneMo
     fetch_weights(cfg.model, checkpoint)  # every check passed: a hub id's weights download now, each file checked
     module = build_module(cfg, checkpoint)
     if cfg.get("adapter_path"):  # an export (family.export) as the weights, e.g. with mode=test
-        if ckpt_path:
-            raise ConfigError("pass ckpt_path or adapter_path, not both: a checkpoint already holds the adapter")
         check_lora_fits(cfg.adapter_path, module.family, cfg.get("adapter_force", False), "adapter_force=true")
         module.family.load_adapter(cfg.adapter_path, module.adapter)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from finetune.atomic import atomic_path
+from finetune.errors import PathSettingError
 
 STATUS_FILE = "status.json"
 # Settings a resume command sets itself (the rest of the command line is repeated as the user gave it).
@@ -98,6 +99,23 @@ def link_latest(link: Path, run_dir: Path) -> None:
     except OSError:  # a filesystem without links: the status files still say which run finished
         if partial.is_symlink():
             partial.unlink()
+
+
+def check_adapter_path(path: str | os.PathLike) -> None:
+    """`adapter_path` names something to load: refused before any model loads when it does not exist or is (in) the
+    folder of a run that did not finish, with that run's status and where finished runs are."""
+    path = Path(path)
+    run_dir = next((p for p in (path, path.parent) if (p / STATUS_FILE).is_file()), None)
+    status = read_status(run_dir) if run_dir is not None else None
+    if status and status.get("status") != "finished":
+        error = f" ({str(status['error']).splitlines()[0]})" if status.get("error") else ""
+        raise PathSettingError(
+            f"adapter_path={str(path)!r}: the run {run_dir} did not finish: {status.get('status')}{error}, so it has "
+            f"no final export. Pick a finished run's export (`cogft runs` lists them; the newest is "
+            f"{run_dir.parent / 'latest' / 'export'}), or resume this one first: {status.get('resume') or '-'}")
+    if not path.exists():
+        raise PathSettingError(f"adapter_path={str(path)!r} does not exist. Pass an export folder (a run's export/; "
+                               f"`cogft runs` lists them) or a LoRA file.")
 
 
 def pid_alive(pid: int) -> bool:

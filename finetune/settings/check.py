@@ -37,7 +37,8 @@ class ConfigError(UserError, ValueError):
 
 def run_settings(name: str = "run", run_dir: str = "outputs/run", seed: int = 42,
                  mode: Literal["fit", "test"] = "fit", ckpt_path: str | None = None, adapter_path: str | None = None,
-                 adapter_force: bool = False, overwrite: bool = False, debug: bool = False):
+                 adapter_force: bool = False, overwrite: bool = False, debug: bool = False,
+                 latest_link: str | None = None):
     """The top-level settings of conf/train.yaml (the schema only: top-level keys not named here are not checked,
     the groups are checked against their own targets)."""
 

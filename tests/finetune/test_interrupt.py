@@ -205,3 +205,20 @@ def test_the_sbatch_example_composes():
     cfg = compose(overrides)
     assert cfg.ckpt_path == "auto" and cfg.run_dir == "outputs/cogvideox_lora/job_1234"
     assert cfg.strategy._target_.endswith("DDPStrategy") or "ddp" in str(cfg.strategy)
+
+
+def test_a_failed_runs_folder_as_adapter_path_stops_before_the_model_loads(tmp_path, monkeypatch):
+    from finetune import run as run_module
+    from finetune.errors import PathSettingError
+
+    failed = tmp_path / "failed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config(failed, "+callbacks.crash._target_=test_training.Crash", "callbacks.samples.every_n_steps=0"))
+    losses_of(failed)
+    monkeypatch.setattr(run_module, "build_module", lambda *a, **k: pytest.fail("the model was loaded"))
+    for given in (failed, failed / "export"):
+        with pytest.raises(PathSettingError, match=r"did not finish: failed \(RuntimeError: simulated crash\).*"
+                                                   r"cogft runs.*ckpt_path=auto"):
+            run_module.build(config(tmp_path / "eval", "mode=test", f"adapter_path={given}"))
+    with pytest.raises(PathSettingError, match="does not exist"):
+        run_module.build(config(tmp_path / "eval", "mode=test", f"adapter_path={tmp_path / 'nothing'}"))
