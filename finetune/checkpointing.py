@@ -126,6 +126,11 @@ class CheckpointOnException(Checkpoint):
         trainer.save_checkpoint(self.ckpt_path, weights_only=False)
         raise RunInterrupted(signame, trainer.global_step, self.ckpt_path)
 
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # a validation loop inside training (val_check_interval) runs after its step's end: stop right after it
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.on_train_batch_end(trainer, module, None, None, -1)
+
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
         if isinstance(exception, (RunInterrupted, KeyboardInterrupt)):

@@ -21,23 +21,25 @@ class SignalAt(L.Callback):
     step being computed, `trainer.global_step` while it runs) reaches `phase`. Each phase is entered through the
     hook or the function that runs there; the handler runs at the next bytecode, i.e. inside that phase."""
 
-    def __init__(self, step: int, phase: str, signame: str = "SIGINT", count: int = 1):
+    def __init__(self, step: int, phase: str, signame: str = "SIGINT", count: int = 1, group: bool = False):
         assert phase in PHASES, phase
-        self.step, self.phase, self.count = int(step), phase, int(count)
+        self.step, self.phase, self.count, self.group = int(step), phase, int(count), bool(group)
         self.signum = getattr(signal, signame)
         self.sent = False
         self.trainer = None
 
     def _fire(self, phase: str) -> None:
         trainer = self.trainer
-        if self.sent or phase != self.phase or trainer is None or not trainer.training:
+        if self.sent or phase != self.phase or trainer is None or trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        if phase != "validation" and not trainer.training:  # e.g. the validation loss's forward
             return
         # once the optimizer has stepped, `global_step` counts the step being finished
         if trainer.global_step - (phase in AFTER_STEP) != self.step:
             return
         self.sent = True
-        for _ in range(self.count):
-            os.kill(os.getpid(), self.signum)
+        for _ in range(self.count):  # `group`: to every process of the group, as a terminal's Ctrl-C (loader workers)
+            os.killpg(os.getpgid(0), self.signum) if self.group else os.kill(os.getpid(), self.signum)
 
     def _wrap(self, owner, name: str, phase: str) -> None:
         original = getattr(owner, name)
@@ -52,7 +54,8 @@ class SignalAt(L.Callback):
     def on_fit_start(self, trainer, module):
         self.trainer = trainer
         self._wrap(module.family, "training_loss", "forward")
-        self._wrap(module.family, "generate", "validation")
+        self._wrap(module.family, "generate", "validation")  # validation samples
+        self._wrap(module.family, "evaluate", "validation")  # the validation loop (CogVLM)
         self._wrap(trainer.strategy.checkpoint_io, "save_checkpoint", "checkpoint")
 
     def on_train_start(self, trainer, module):

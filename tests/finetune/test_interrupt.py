@@ -222,3 +222,66 @@ def test_a_failed_runs_folder_as_adapter_path_stops_before_the_model_loads(tmp_p
             run_module.build(config(tmp_path / "eval", "mode=test", f"adapter_path={given}"))
     with pytest.raises(PathSettingError, match="does not exist"):
         run_module.build(config(tmp_path / "eval", "mode=test", f"adapter_path={tmp_path / 'nothing'}"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_whole_process_group_with_loader_workers(tmp_path):
+    """As a terminal delivers Ctrl-C (and SLURM its SIGTERM): to every process of the group, the data loader's worker
+    included, in a train.py process of its own session. The printed resume command, run as printed, gives the
+    uninterrupted run's export bitwise."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import REPO, TEST_DIRS
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*TEST_DIRS, os.environ.get("PYTHONPATH", "")])}
+    base = ["recipe=cogvideox_lora", "preset=tiny", "logger=none", "data.num_workers=1", "data.demo_count=3",
+            "trainer.max_steps=6", "callbacks.samples.every_n_steps=0", "callbacks.samples.at_end=false"]
+
+    def train_py(args: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300, start_new_session=True)
+
+    def export(run_dir) -> dict:
+        return load_file(run_dir / "export" / "pytorch_lora_weights.safetensors")
+
+    done = train_py([*base, f"run_dir={tmp_path / 'whole'}"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = export(tmp_path / "whole")
+    for signame in ("SIGINT", "SIGTERM"):
+        run_dir = tmp_path / signame
+        stopped = train_py([*base, f"run_dir={run_dir}", *signal_at("forward", 3, signame), "+callbacks.signal.group=true"])
+        assert stopped.returncode == 128 + getattr(signal, signame), stopped.stderr[-2000:]
+        resume = stopped.stderr.split("resume with:\n", 1)[1].splitlines()[0].strip()
+        assert resume.startswith("python train.py ") and resume.endswith(f"run_dir={run_dir} ckpt_path=on_exception")
+        resumed = train_py(shlex.split(resume)[2:])
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
+        weights = export(run_dir)
+        assert weights.keys() == reference.keys()
+        assert all(torch.equal(weights[k], reference[k]) for k in weights), signame
+
+
+def cogvlm_config(run_dir, *extra: str):
+    """The CogVLM captcha demo (where an interrupted run once resumed inexactly), shortened: 6 steps, validation by
+    decoding every 2 steps, a loader worker as in the preset."""
+    return compose(["recipe=cogvlm_captcha_lora", "preset=tiny", "logger=none", f"run_dir={run_dir}",
+                    "trainer.max_steps=6", "trainer.val_check_interval=2", "data.demo_count=60",
+                    "data.split_fractions=[0.8,0.05,0.15]", "data.batch_size=8", "callbacks.checkpoint.every_n_train_steps=4",
+                    "+callbacks.losses._target_=interrupt_harness.StepLosses", *extra])
+
+
+@pytest.mark.parametrize("phase, step, signame", [("validation", 1, "SIGINT"), ("batch_start", 2, "SIGTERM"),
+                                                  ("forward", 4, "SIGINT")])
+def test_the_cogvlm_demo_resumes_exactly(tmp_path, tmp_path_factory, tiny_cogvlm, phase, step, signame):
+    reference_dir = tmp_path_factory.mktemp("cogvlm_whole")
+    reference = train(cogvlm_config(reference_dir))
+    reference = weights_of(reference), losses_of(reference_dir)
+    with pytest.raises(RunInterrupted) as stopped:
+        train(cogvlm_config(tmp_path, *signal_at(phase, step, signame)))
+    assert stopped.value.step == step + 1
+    resumed = train(cogvlm_config(tmp_path, "ckpt_path=on_exception"))
+    assert_same_run(weights_of(resumed), losses_of(tmp_path), reference)
