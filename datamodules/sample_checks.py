@@ -28,15 +28,16 @@ R = TypeVar("R")
 
 
 def check_all(items: Iterable[T], check: Callable[[T], R], total: int | None = None, what: str = "images",
-              workers: int | None = None) -> Iterator[R]:
-    """`check(item)` for every item, in order, on `workers` threads (default: the CPUs, at most 8). Items are
-    taken a chunk at a time, so a lazily read dataset is never held in memory whole."""
+              workers: int | None = None, progress_from: int | None = None) -> Iterator[R]:
+    """`check(item)` for every item, in order, on `workers` threads (default: the CPUs, at most 8), with a bar from
+    `progress_from` items (default PROGRESS_FROM). Items are taken a chunk at a time, so a lazily read dataset is
+    never held in memory whole."""
     from tqdm.auto import tqdm
 
     workers = workers or min(8, os.cpu_count() or 1)
     items = iter(items)
     bar = tqdm(total=total, desc=f"checking {what}", unit=what.split()[-1][:5],
-               disable=(total or 0) < PROGRESS_FROM or rank_zero_only.rank != 0)
+               disable=(total or 0) < (PROGRESS_FROM if progress_from is None else progress_from) or rank_zero_only.rank != 0)
     with ThreadPoolExecutor(max_workers=workers) as pool, bar:
         while chunk := list(itertools.islice(items, 32 * workers)):
             for result in pool.map(check, chunk):
@@ -45,18 +46,19 @@ def check_all(items: Iterable[T], check: Callable[[T], R], total: int | None = N
 
 
 class BadSamples:
-    """Collects the problems of bad samples under `on_bad_sample` (`fail` or `skip`)."""
+    """Collects the problems of bad samples under `on_bad_sample` (`fail` or `skip`); `category` is the warning's
+    under skip."""
 
-    def __init__(self, on_bad_sample: str, what: str = "image"):
+    def __init__(self, on_bad_sample: str, what: str = "image", category: type[Warning] = UserWarning):
         if on_bad_sample not in ("fail", "skip"):
             raise DataError(f"data.on_bad_sample={on_bad_sample!r}: expected fail or skip.")
-        self.policy, self.what, self.problems = on_bad_sample, what, []
+        self.policy, self.what, self.problems, self.category = on_bad_sample, what, [], category
 
     def add(self, problem: str) -> None:
         """One bad sample: `problem` names the file, what is wrong and the fix. Warned at once under skip."""
         self.problems.append(problem)
         if self.policy == "skip":
-            rank_zero_warn(f"skipped (data.on_bad_sample=skip): {problem}")
+            rank_zero_warn(f"skipped (data.on_bad_sample=skip): {problem}", category=self.category)
 
     def finish(self, checked: int, fix: str = "") -> None:
         """Under `fail`, raise a DataError listing the bad samples; under `skip`, say how many were left out."""
@@ -67,7 +69,8 @@ class BadSamples:
             shown = "\n  ".join(self.problems[:SHOWN]) + (f"\n  ... and {count - SHOWN} more" if count > SHOWN else "")
             raise DataError(f"{count} bad {self.what}(s) of {checked}:\n  {shown}\n{fix + ' ' if fix else ''}"
                             f"Or set data.on_bad_sample=skip to train without them.")
-        rank_zero_warn(f"data.on_bad_sample=skip: left out {count} of {checked} {self.what}s (each named above).")
+        rank_zero_warn(f"data.on_bad_sample=skip: left out {count} of {checked} {self.what}s (each named above).",
+                       category=self.category)
 
 
 class CheckedFiles:

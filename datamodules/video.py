@@ -16,27 +16,26 @@ Once the engine has encoded every sample (`finetune.cache`), it serves the cache
 dataset, read by key: no video is decoded during training.
 
 `check()` runs before the model loads and decodes, for every clip, the frames the run will use (in a thread
-pool, with a progress bar for many clips), so a truncated or corrupt file, a missing or undecodable image, an
-empty caption or a clip that fits no bucket stops the run at once, named (`on_bad_sample=fail`), or is left
-out with a warning (`on_bad_sample=skip`).
+pool, with a progress bar for many clips): an empty (0-byte) file, a truncated or corrupt one, a codec the installed
+FFmpeg cannot decode, a missing file or conditioning image, an empty caption or a clip that fits no bucket is
+collected (datamodules/sample_checks.py), and the run stops with all of them listed, each with the fix for its
+kind (`on_bad_sample=fail`), or leaves each out with a warning (`on_bad_sample=skip`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from datamodules.textfiles import DataError
 from datamodules.video_buckets import VideoBatchSampler, bucket_volume, pick_bucket
-from datamodules.video_io import check_frames, count_frames, describe, read_frames, read_image
-from datamodules.sample_checks import CheckedFiles
+from datamodules.sample_checks import BadSamples, CheckedFiles, check_all
+from datamodules.video_io import UndecodableCodec, check_frames, count_frames, describe, read_frames, read_image
 from datamodules.table import TableDataset
 from datamodules.video_sources import (ClipRow, EmbeddedFile, has_list_layout, has_metadata, read_dataset,
                                        read_list_layout, read_metadata_layout)
@@ -46,7 +45,13 @@ from finetune.hub import cache_root
 PROGRESS_FROM = 32  # clips: fewer are checked without a progress bar
 # How a clip becomes pixels, part of every sample key (so of the encoded cache's keys): change it with the code.
 PREPROCESSING = "frames=stride-from-start;resize=bilinear-antialias-cover;crop=centre;range=-1..1;image=same"
-REENCODE = "Re-encode it, e.g. `ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4`, or remove it."
+# The fix for each kind of bad clip (docs/data.md, "Checking the data").
+EMPTY_FIX = ("Copy or download it again from its source (a placeholder, e.g. a cloud-sync or Git LFS stub, must be "
+             "fetched first), or remove the entry and its caption.")
+CORRUPT_FIX = ("Download or copy it again; if the source itself is damaged, re-encode it, e.g. `ffmpeg -i IN -c:v "
+               "libx264 -pix_fmt yuv420p OUT.mp4`, or remove it.")
+CODEC_FIX = ("Convert it to H.264 with an FFmpeg that decodes that codec, e.g. `ffmpeg -i IN -c:v libx264 -pix_fmt "
+             "yuv420p OUT.mp4`, or remove it.")
 
 
 class BadSampleWarning(UserWarning):
@@ -119,7 +124,8 @@ class VideoDataModule(FamilyDataModule):
         num_workers: decoding processes.
         seed: the order of the batches (independent of the model's noise draws).
         drop_last: drop each bucket's last, smaller batch.
-        on_bad_sample: `fail` stops at the first bad clip; `skip` leaves bad clips out with a warning each.
+        on_bad_sample: `fail` stops after the check, listing every bad clip (the first SHOWN, and how many more)
+            with its fix; `skip` leaves bad clips out with a warning each.
         check_workers: threads decoding the clips in `check()`.
         recheck_files: decode every clip in `check()` even when an earlier check found it, unchanged (same path,
             size and mtime), decodable as far as this run samples (`<kit cache>/checked/videos.jsonl`).
@@ -170,7 +176,7 @@ class VideoDataModule(FamilyDataModule):
             return self.records
         spec: VideoSpec = self.require_processor().spec
         if self.on_bad_sample not in ("fail", "skip"):
-            raise DataError(f"data.on_bad_sample={self.on_bad_sample!r}: use `fail` (stop at the first bad clip) "
+            raise DataError(f"data.on_bad_sample={self.on_bad_sample!r}: use `fail` (stop, listing every bad clip) "
                             f"or `skip` (leave bad clips out, with a warning each).")
         buckets = [tuple(int(x) for x in b) for b in spec.buckets]
         if not buckets:
@@ -180,55 +186,34 @@ class VideoDataModule(FamilyDataModule):
             for name, source in (("video", row.video), ("image", row.image)):
                 if isinstance(source, EmbeddedFile):
                     self.embedded[name] = source.column
-        records, skipped = [], 0
+        records = []
+        bad = BadSamples(self.on_bad_sample, what="clip", category=BadSampleWarning)
         checked = CheckedFiles("videos", recheck=self.recheck_files)  # not kept: its lock would not pickle (spawn)
-        outcomes = self._probe_all(rows, buckets, spec.conditioning_image, checked)
-        checked.save()
-        for row, outcome in zip(rows, outcomes):
+        for outcome in self._probe_all(rows, buckets, spec.conditioning_image, checked):
             if isinstance(outcome, DataError):
-                if self.on_bad_sample == "fail":
-                    raise DataError(f"{outcome} Or set data.on_bad_sample=skip to train without it.")
-                rank_zero_warn(f"data.on_bad_sample=skip, leaving out {outcome}", category=BadSampleWarning)
-                skipped += 1
+                bad.add(str(outcome))
             else:
                 records.append(outcome)
+        checked.save()
+        bad.finish(len(rows))  # fail: raises, listing them all
         if not records:
             raise DataError(f"data.root={self.root!r}: none of its {len(rows)} clips is usable (each is named in a "
                             f"warning above).")
-        if skipped:
-            rank_zero_warn(f"data.on_bad_sample=skip: left out {skipped} of {len(rows)} clips (each named above); "
-                           f"training on {len(records)}.", category=BadSampleWarning)
         self.records = records
         return records
 
     def _probe_all(self, rows: list[ClipRow], buckets: list, with_image: bool,
                    checked: CheckedFiles) -> list[dict | DataError]:
         """Each row's record or its DataError, in data order, probed in a thread pool (PyAV decodes without the
-        GIL). With on_bad_sample=fail it stops at the first bad clip: the clips not started yet are cancelled."""
-        from tqdm.auto import tqdm
-
+        GIL): every clip, so that a `fail` lists them all."""
         def probe(row):
             try:
                 return self._probe(row, buckets, with_image, checked)
             except DataError as err:
                 return err
 
-        outcomes = []
-        bar = tqdm(total=len(rows), desc="checking videos", unit="clip",
-                   disable=len(rows) < PROGRESS_FROM or rank_zero_only.rank != 0)
-        with ThreadPoolExecutor(max_workers=max(1, self.check_workers)) as pool:
-            futures = [pool.submit(probe, row) for row in rows]
-            try:
-                for future in futures:
-                    outcomes.append(future.result())
-                    bar.update()
-                    if isinstance(outcomes[-1], DataError) and self.on_bad_sample == "fail":
-                        break
-            finally:
-                for future in futures:
-                    future.cancel()
-                bar.close()
-        return outcomes
+        return list(check_all(rows, probe, total=len(rows), what="videos", workers=max(1, self.check_workers),
+                              progress_from=PROGRESS_FROM))
 
     def _probe(self, row: ClipRow, buckets: list, with_image: bool, checked: CheckedFiles) -> dict:
         """One clip checked as the run will read it: caption, file, size and bucket, the frames it samples, and
@@ -238,13 +223,19 @@ class VideoDataModule(FamilyDataModule):
         _exists(video, row.where, "video", "Fix the path (relative to the data folder) or remove the entry and "
                                            "its caption.")
         name = describe(video) if isinstance(video, str) else f"{row.where} (embedded video)"
+        if isinstance(video, str) and Path(video).stat().st_size == 0:
+            raise DataError(f"{name}: is empty (0 bytes): the data is missing (its copy or download did not finish, "
+                            f"or it is a placeholder), not badly encoded. {EMPTY_FIX}")
         origin = _origin(video)
         known = checked.get(origin) or {}
         try:
             frames, height, width = (known["frames"], known["height"], known["width"]) if known else \
                 count_frames(video)
+        except UndecodableCodec as err:
+            raise DataError(f"{name}: the file opens, but {err}. {CODEC_FIX}") from None
         except Exception as err:
-            raise DataError(f"{name}: cannot be decoded ({type(err).__name__}: {err}). {REENCODE}") from None
+            raise DataError(f"{name}: cannot be decoded ({type(err).__name__}: {err}): the file is truncated or "
+                            f"corrupt. {CORRUPT_FIX}") from None
         bucket = pick_bucket(frames, height, width, buckets)
         if bucket is None:
             f, h, w = min(buckets, key=bucket_volume)
@@ -256,9 +247,11 @@ class VideoDataModule(FamilyDataModule):
         if known.get("decodes_to", -1) < indices[-1]:  # not yet decoded this far while unchanged
             try:
                 check_frames(video, indices)
+            except UndecodableCodec as err:
+                raise DataError(f"{name}: the file opens, but {err}. {CODEC_FIX}") from None
             except Exception as err:
                 raise DataError(f"{name}: {err}, but the run samples frames up to {indices[-1]} (its header says "
-                                f"{frames} frames): the file is truncated or corrupt. {REENCODE}") from None
+                                f"{frames} frames): the file is truncated or corrupt. {CORRUPT_FIX}") from None
             checked.put(origin, {"frames": frames, "height": height, "width": width, "decodes_to": indices[-1]})
         image = _load(row.image) if with_image and row.image is not None else None
         if image is not None:
@@ -352,7 +345,7 @@ class ClipSamples:
                 frames = read_frames(source, frame_indices(batch["frames"][i], num_frames))
             except Exception as err:
                 raise DataError(f"{describe(source)}: cannot be decoded any more ({type(err).__name__}: {err}). "
-                                f"{REENCODE}") from None
+                                f"{CORRUPT_FIX}") from None
             video = resize_crop(frames, height, width)
             sample = {"video": video, "prompt": batch["prompt"][i], "key": key}
             if with_image:

@@ -30,10 +30,42 @@ def _open(source: Source):
     return av.open(str(source))
 
 
+class UndecodableCodec(ValueError):
+    """The container opens, but the installed PyAV/FFmpeg has no decoder for its video stream's codec."""
+
+    def __init__(self, codec: str | None):
+        self.codec = codec or "unknown"
+        named = f"`{codec}` (the file's codec tag)" if codec else "(one FFmpeg does not name)"
+        super().__init__(f"its video codec {named} has no decoder in the installed PyAV {av.__version__} / FFmpeg")
+
+
 def _video_stream(container, source: Source):
     if not container.streams.video:
         raise ValueError(f"{describe(source)} has no video stream")
-    return container.streams.video[0]
+    stream = container.streams.video[0]
+    if stream.codec_context is None:  # PyAV makes no codec context for a codec FFmpeg cannot decode
+        raise UndecodableCodec(codec_tag(source))
+    return stream
+
+
+def codec_tag(source: Source) -> str | None:
+    """The four-character code of an MP4/MOV file's first sample entry (`avc1`, `hvc1`, `ap4h`, ...), read from its
+    `stsd` box: FFmpeg gives no name for a codec it has no decoder for. None for other containers."""
+    import mmap
+
+    def tag(data) -> str | None:
+        at = data.find(b"stsd")
+        code = bytes(data[at + 16: at + 20]) if at >= 0 else b""
+        return code.decode("ascii") if len(code) == 4 and all(32 < c < 127 for c in code) else None
+
+    try:
+        if isinstance(source, dict) and source.get("bytes"):
+            return tag(source["bytes"])
+        path = source.get("path") if isinstance(source, dict) else source
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return tag(data)
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def count_frames(source: Source) -> tuple[int, int, int]:

@@ -36,21 +36,48 @@ KNOWN_WARNINGS = [
      r"torchdata\.stateful_dataloader\.stateful_dataloader"),
     # Lightning's own pytree helper uses torch's deprecated `LeafSpec`; fixed upstream.
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
+    # The kit decides whether a run directory may be reused before Lightning sees it (finetune/run.py,
+    # docs/run-safety.md: a run directory with a run in it needs overwrite=true or ckpt_path): by the time
+    # ModelCheckpoint finds files in checkpoints/, the user has asked for exactly that.
+    (r"Checkpoint directory .* exists and is not empty\.", UserWarning, r"lightning\.pytorch"),
 ]
 
 # An advertisement Lightning logs on every run without its LitLogger; it says nothing about this run.
 LITLOGGER_TIP = "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]"
+# Lightning's device inventory (lightning/pytorch/trainer/setup.py, `_log_device_info`), logged on every run: the
+# device a run uses is in its config (trainer.accelerator/devices) and its train.log; a GPU present but left unused
+# still gets Lightning's own warning, which stays.
+DEVICE_LINES = ("GPU available: ", "TPU available: ", "HPU available: ")
+# bitsandbytes logs this when imported on a CPU with AVX512-BF16 (bitsandbytes/backends/cpu/ops.py), and diffusers
+# imports it through peft on every model import: a faster CPU 4-bit matmul from the optional `kernels` package, which
+# nothing in the kit runs (4-bit QLoRA needs CUDA: recipes/diffusion/pipeline.py).
+BNB_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_KERNELS = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'."
 
 
 def quiet_known_warnings() -> None:
     """Silence the known messages above (idempotent: each filter is installed once)."""
     for message, category, module in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_litlogger_tip)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    for drop in (_drop_litlogger_tip, _drop_device_lines):
+        if drop not in rank_zero.filters:
+            rank_zero.addFilter(drop)
+    bnb = logging.getLogger(BNB_LOGGER)  # the same object bitsandbytes' getLogger(__name__) returns, imported later
+    if _drop_bnb_kernels not in bnb.filters:
+        bnb.addFilter(_drop_bnb_kernels)
 
 
 def _drop_litlogger_tip(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(LITLOGGER_TIP)
+
+
+def _drop_device_lines(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(DEVICE_LINES)
+
+
+def _drop_bnb_kernels(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(BNB_KERNELS)
 
 
 

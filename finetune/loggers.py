@@ -19,7 +19,7 @@ from lightning.fabric.utilities.logger import _convert_json_serializable, _conve
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 
 def wandb_credentials_present() -> bool:
@@ -36,8 +36,11 @@ def wandb_logger(save_dir: str, project: str = "cog-finetune", name: str | None 
                  mode: str = "auto", **kwargs) -> WandbLogger:
     """`mode`: `online`, `offline`, or `auto` (online only when credentials are configured; also
     respects `WANDB_MODE`)."""
+    why = f"logger.mode={mode}"
     if mode == "auto":
-        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_credentials_present() else "offline")
+        env = os.environ.get("WANDB_MODE")
+        why = f"WANDB_MODE={env}" if env else "no credentials found (WANDB_API_KEY or `wandb login`)"
+        mode = env or ("online" if wandb_credentials_present() else "offline")
         # W&B's older name for offline, which Lightning's WandbLogger itself writes into WANDB_MODE for an offline run
         mode = "offline" if mode == "dryrun" else mode
     if mode not in ("online", "offline", "disabled"):
@@ -45,8 +48,9 @@ def wandb_logger(save_dir: str, project: str = "cog-finetune", name: str | None 
     os.environ.setdefault("WANDB_SILENT", "true")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     if mode == "offline":
-        rank_zero_warn(f"W&B: no credentials found (WANDB_API_KEY or `wandb login`), logging offline under "
-                       f"{save_dir}/wandb. Upload later with: wandb sync {save_dir}/wandb/offline-run-*")
+        # a plain line (Lightning's rank-zero logger), not a warning: Python would echo this source line under it
+        rank_zero_info(f"W&B: {why}, logging offline under {save_dir}/wandb. Upload later with: wandb sync "
+                       f"{save_dir}/wandb/offline-run-*")
     kwargs.setdefault("id", run_id(Path(save_dir)))
     logger = BackgroundWandbLogger(save_dir=save_dir, project=project, name=name, offline=(mode == "offline"),
                                    mode=mode if mode == "disabled" else None, resume="allow", **kwargs)

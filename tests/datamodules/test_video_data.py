@@ -4,6 +4,7 @@ user can cause (each named before the model loads, or skipped with `data.on_bad_
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -82,7 +83,8 @@ def test_missing_video_names_line_and_path(dataset):
 def test_unreadable_video_is_named(dataset):
     lines = (dataset / "videos.txt").read_text().splitlines()
     (dataset / lines[0]).write_bytes(b"not a video")
-    with pytest.raises(DataError, match=rf"{lines[0]}: cannot be decoded.*Re-encode"):
+    with pytest.raises(DataError, match=rf"{lines[0]}: cannot be decoded.*truncated or corrupt.*Download or copy it "
+                                        rf"again.*re-encode it"):
         module(dataset).check()
 
 
@@ -355,7 +357,8 @@ def test_truncated_videos_are_caught_before_training(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 2 // 3])  # the header still promises 17 frames
     with pytest.raises(DataError, match=r"0.mp4: .*but the run samples frames up to 16 \(its header says 17 "
-                                        r"frames\): the file is truncated or corrupt.*Re-encode"):
+                                        r"frames\): the file is truncated or corrupt.*Download or copy it again.*"
+                                        r"re-encode it"):
         connected(root, buckets=[(17, 32, 32)]).check()
     clip(path, frames=17)  # header (moov) at the end: cut short, it does not open at all
     data = path.read_bytes()
@@ -410,8 +413,10 @@ def test_bad_sample_policy(tmp_path):
     (root / "videos" / "0.mp4").unlink()
     cut = clip(root / "videos" / "2.mp4", frames=17, faststart=True)
     cut.write_bytes(cut.read_bytes()[:1500])
-    # fail: the first bad clip in data order stops the run, with the way to skip it
-    with pytest.raises(DataError, match=r"videos.txt, line 1: video .*0.mp4 does not exist.*on_bad_sample=skip"):
+    # fail: the run stops once every clip is checked, naming the bad ones in data order, and the way to skip them
+    with pytest.raises(DataError, match=r"(?s)3 bad clip\(s\) of 4:\n  \S*videos.txt, line 1: video .*0.mp4 does not "
+                                        r"exist.*\n  .*1.mp4: has 9 frames of 16x16.*\n  .*2.mp4: .*truncated.*"
+                                        r"\nOr set data.on_bad_sample=skip to train without them\.$"):
         connected(root, buckets=[(9, 32, 32)]).check()
     dm = connected(root, buckets=[(9, 32, 32)], on_bad_sample="skip", check_workers=2)
     with pytest.warns(BadSampleWarning) as caught:
@@ -429,6 +434,63 @@ def test_bad_sample_policy(tmp_path):
         connected(root, on_bad_sample="skip").check()
     with pytest.raises(DataError, match=r"data.on_bad_sample='ignore': use `fail`.*or `skip`"):
         connected(root, on_bad_sample="ignore").check()
+
+
+def bad_clips_folder(root):
+    """Six clips, five of them bad in a different way each, and a good one last."""
+    root = cogvideo_folder(root, [(9, 32, 32)] * 6)
+    videos = root / "videos"
+    (videos / "0.mp4").write_bytes(b"")  # a copy that never got its data
+    cut = clip(videos / "1.mp4", frames=9, faststart=True)
+    cut.write_bytes(cut.read_bytes()[:1500])  # header present, frames missing
+    good = (videos / "5.mp4").read_bytes()
+    assert good.count(b"avc1") >= 1
+    (videos / "2.mp4").write_bytes(good.replace(b"avc1", b"zzzz"))  # a codec tag no FFmpeg decodes
+    clip(videos / "3.mp4", frames=5)  # too short for the 9-frame bucket
+    (videos / "4.mp4").write_bytes(b"a text file renamed .mp4\n" * 20)
+    return root
+
+
+def test_fail_lists_every_bad_clip_with_the_fix_for_its_kind(tmp_path):
+    root = bad_clips_folder(tmp_path / "data")
+    with pytest.raises(DataError) as caught:
+        connected(root, buckets=[(9, 32, 32)], check_workers=2).check()
+    head, *problems, tail = str(caught.value).splitlines()
+    assert head == "5 bad clip(s) of 6:" and tail == "Or set data.on_bad_sample=skip to train without them."
+    assert [p.split(": ", 1)[0].rsplit("/", 1)[-1] for p in problems] == ["0.mp4", "1.mp4", "2.mp4", "3.mp4", "4.mp4"]
+    empty, truncated, codec, short, renamed = problems
+    assert "is empty (0 bytes)" in empty and "Copy or download it again" in empty
+    assert "ffmpeg" not in empty and "encode" not in empty.replace("not badly encoded", "")  # missing data: no re-encode
+    assert re.search(r"decoding failed after \d+ frames.*truncated or corrupt\. Download or copy it again; .*"
+                     r"re-encode it", truncated)
+    assert re.search(r"the file opens, but its video codec `zzzz` .*has no decoder in the installed PyAV .*Convert it "
+                     r"to H\.264 .*`ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT\.mp4`", codec)
+    assert "truncated" not in codec
+    assert "has 5 frames of 32x32" in short and "fits none of the model's buckets" in short
+    assert "cannot be decoded (InvalidDataError" in renamed and "truncated or corrupt" in renamed
+
+
+def test_skip_leaves_out_every_kind_of_bad_clip(tmp_path):
+    dm = connected(bad_clips_folder(tmp_path / "data"), buckets=[(9, 32, 32)], on_bad_sample="skip")
+    with pytest.warns(BadSampleWarning) as caught:
+        records = dm.check()
+    messages = [str(w.message) for w in caught if w.category is BadSampleWarning]
+    assert len(messages) == 6 and "left out 5 of 6 clips" in messages[-1]
+    assert [r["prompt"] for r in records] == ["clip 5"]
+
+
+def test_a_fail_shows_the_first_twenty_bad_clips_and_counts_the_rest(tmp_path):
+    root = cogvideo_folder(tmp_path / "data", [(9, 32, 32)])
+    for i in range(1, 24):
+        (root / "videos" / f"{i}.mp4").write_bytes(b"")
+    (root / "prompts.txt").write_text("".join(f"clip {i}\n" for i in range(24)))
+    (root / "videos.txt").write_text("".join(f"videos/{i}.mp4\n" for i in range(24)))
+    with pytest.raises(DataError) as caught:
+        connected(root, buckets=[(9, 32, 32)]).check()
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "23 bad clip(s) of 24:" and lines[-2] == "  ... and 3 more"
+    shown = [line for line in lines if "is empty (0 bytes)" in line]
+    assert [line.split(": ")[0].rsplit("/", 1)[-1] for line in shown] == [f"{i}.mp4" for i in range(1, 21)]
 
 
 def test_many_clips_are_checked_in_parallel_with_a_progress_bar(dataset, monkeypatch, capsys):
