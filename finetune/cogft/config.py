@@ -23,7 +23,9 @@ def _names(group: str) -> list[str]:
 
 
 def model_names() -> list[str]:
-    return _names("model")
+    from finetune.families import model_names as names
+
+    return names()
 
 
 def recipe_names() -> list[str]:
@@ -32,13 +34,14 @@ def recipe_names() -> list[str]:
 
 def family_class(name: str):
     """The ModelFamily class of `conf/model/<name>.yaml` (cogvideox, cogview4, ...)."""
-    from hydra.utils import get_class
-    from omegaconf import OmegaConf
+    from finetune.families import family_class as named
 
-    path = conf_dir() / "model" / f"{name}.yaml"
-    if not path.is_file():
-        raise SystemExit(f"--family {name!r}: no conf/model/{name}.yaml; use one of {', '.join(model_names())}.")
-    return get_class(OmegaConf.load(path)["_target_"])
+    conf_dir()  # the configs are installed (else: how to install them)
+    try:
+        return named(name)
+    except KeyError:
+        raise SystemExit(f"--family {name!r}: no conf/model/{name}.yaml; use one of {', '.join(model_names())}.") \
+            from None
 
 
 def compose_recipe(recipe: str, preset: str | None = None, overrides: list[str] | None = None):

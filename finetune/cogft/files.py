@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from finetune.families import recognize
 from finetune.lora_formats.files import (
     MODEL_KEY,
     LoraFile,
@@ -19,7 +20,7 @@ from finetune.lora_formats.files import (
 from finetune.lora_formats.writing import write_adapter
 from finetune.lora_formats.loaders import describe
 
-from .config import family_class, model_names
+from .config import family_class
 
 LOADERS = {"diffusers": "diffusers load_lora_weights", "kijai_wrapper": "ComfyUI-CogVideoXWrapper",
            "comfyui_native": "ComfyUI (native)", "peft": "PEFT PeftModel.from_pretrained"}
@@ -27,22 +28,6 @@ LOADERS = {"diffusers": "diffusers load_lora_weights", "kijai_wrapper": "ComfyUI
 
 def lora_names(family: str | None):
     return family_class(family).lora_names if family else LoraNames()
-
-
-def recognize(file: LoraFile) -> tuple[str | None, str]:
-    """The model family a LoRA file is for, from its names and shapes (`ModelFamily.recognize_lora` of every
-    conf/model/ family): (its conf/model name, what it is) when exactly one kind of model claims it, else
-    (None, why not)."""
-    shapes = {key: tuple(value.shape) for key, value in file.tensors.items()}
-    claims: dict[str, str] = {}
-    for name in model_names():
-        description = family_class(name).recognize_lora(shapes)
-        if description:
-            claims.setdefault(description, name)
-    if len(claims) == 1:
-        return next(iter(claims.values())), next(iter(claims))
-    return None, ("claimed by " + " and ".join(sorted(claims)) if claims else
-                  "its names and shapes fit no known model (a tiny or unusual model?)") + "; pass --family"
 
 
 def inspect(path: str, family: str | None = None, diffusers: str | None = None, peft: str | None = None) -> dict:

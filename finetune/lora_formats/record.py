@@ -135,7 +135,7 @@ def check_lora_fits(path: str | os.PathLike, family, force: bool = False, overri
             notes.append(f"{file.path} was trained on {describe_base(theirs)}; this model is {describe_base(ours)}.")
     else:
         if recognize is None:
-            from finetune.cogft.files import recognize
+            from finetune.families import recognize
         shapes = {key: tuple(value.shape) for key, value in file.tensors.items()}
         own = type(family).recognize_lora(shapes)
         other, what_other = (None, "") if own else recognize(file)
