@@ -200,7 +200,7 @@ def train(cfg: DictConfig) -> FinetuneModule:
     earlier = claim_run_dir(run_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False))) if first_process else []
     mode = cfg.get("mode", "fit")
     if first_process:
-        runs.started(run_dir, str(cfg.name), mode, cfg.trainer.get("max_steps"))
+        runs.started(run_dir, str(cfg.name), mode, cfg.trainer.get("max_steps"), task_overrides())
     trainer = None
     try:
         trainer, module, datamodule, ckpt_path = build(cfg, checked=True)

@@ -46,10 +46,12 @@ def now() -> str:
     return datetime.datetime.now().isoformat(timespec="milliseconds")
 
 
-def started(run_dir: Path, recipe: str, mode: str, max_steps: int | None) -> dict:
+def started(run_dir: Path, recipe: str, mode: str, max_steps: int | None, overrides: list[str] | None = None) -> dict:
+    """status.json of a run that starts: `running`, with the command that would resume it if its process died
+    without a word (SIGKILL, a lost node: `describe` tells those by the process being gone)."""
     return write_status(run_dir, status="running", recipe=recipe, mode=mode, max_steps=max_steps,
-                        started=now(), pid=os.getpid(), host=socket.gethostname(),
-                        error=None, resume=None)
+                        started=now(), pid=os.getpid(), host=socket.gethostname(), error=None, resume=None,
+                        resume_if_killed=resume_command(run_dir, "auto", overrides))
 
 
 def read_status(run_dir: Path) -> dict | None:
@@ -160,9 +162,8 @@ def describe(run_dir: Path) -> dict:
     elif status.get("status") == "running" and status.get("host") == socket.gethostname() \
             and not pid_alive(status.get("pid", -1)):
         status["status"] = "killed"  # the process is gone without writing how it ended
-        last = checkpoints_of(run_dir)
-        if last and not status.get("resume"):
-            status["resume"] = f"ckpt_path=auto run_dir={run_dir}"
+        if checkpoints_of(run_dir):
+            status["resume"] = status.get("resume_if_killed")
     status.setdefault("exports", exports_of(run_dir))
     return status
 

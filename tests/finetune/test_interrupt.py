@@ -299,3 +299,19 @@ def test_the_cogvlm_demo_resumes_exactly(tmp_path, cogvlm_uninterrupted, phase, 
     assert stopped.value.step == step + 1
     resumed = train(cogvlm_config(tmp_path, "ckpt_path=on_exception"))
     assert_same_run(weights_of(resumed), losses_of(tmp_path), reference)
+
+
+def test_a_run_killed_without_a_word_is_listed_as_killed_with_its_resume_command(tmp_path):
+    from finetune import runs
+
+    run_dir = tmp_path / "outputs" / "cogvideox_lora" / "gone"
+    train(config(run_dir, "trainer.max_steps=3", "callbacks.samples.every_n_steps=0"))
+    losses_of(run_dir)
+    # as SIGKILL leaves it: status.json still says running, for a process that no longer exists
+    dead = 2 ** 22 + 12345
+    runs.write_status(run_dir, status="running", pid=dead, resume=None,
+                      resume_if_killed=runs.resume_command(run_dir, "auto", ["recipe=cogvideox_lora"]))
+    assert not runs.pid_alive(dead)
+    status = runs.describe(run_dir)
+    assert status["status"] == "killed"
+    assert status["resume"] == f"python train.py recipe=cogvideox_lora run_dir={run_dir.resolve()} ckpt_path=auto"
