@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from finetune.atomic import atomic_path
 from finetune.checkpointing import interrupt_requested
 from finetune.family import GenerationRequest
+from finetune.grids import log_progress
 from finetune.guards import TrainingFailed
 from finetune.lora_formats.record import engine_record
 from finetune.loggers import log_metrics
@@ -123,6 +124,8 @@ class ValidationSamples(L.Callback):
     def on_train_end(self, trainer, module) -> None:
         if self.at_end:
             self._sample(trainer, module)
+        if trainer.is_global_zero:  # every validation so far, this run's and those before a resume: progress.png
+            log_progress(trainer.loggers, _run_dir(trainer) / "samples", trainer.global_step)
 
 
 def gather_to_rank_zero(trainer: L.Trainer, samples: list, sharded: bool) -> list:

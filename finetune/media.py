@@ -1,5 +1,6 @@
 """Saving validation samples to the run directory and logging them to the experiment tracker (with the image each
-image-to-video sample was conditioned on next to it: `00_condition.png`, W&B `val/samples_condition`)."""
+image-to-video sample was conditioned on next to it: `00_condition.png`, W&B `val/samples_condition`), and their
+grids (`grid.png`, `grid.gif`: `finetune.grids`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 from finetune.family import Sample
+from finetune.grids import tensorboard_image, wandb_grids, write_grids
 
 
 def save_samples(samples: list[Sample], directory: Path) -> list[Path]:
@@ -29,6 +31,7 @@ def save_samples(samples: list[Sample], directory: Path) -> list[Path]:
             sample.condition.save(condition_path(paths[-1]))
     (directory / "prompts.json").write_text(
         json.dumps([s.caption for s in samples], ensure_ascii=False, indent=1), encoding="utf-8")
+    write_grids(samples, directory)
     return paths
 
 
@@ -44,7 +47,10 @@ def log_samples(loggers: list[Logger], samples: list[Sample], paths: list[Path],
             if any(s.condition is not None for s in samples):  # `val/samples_condition`, in the same order
                 logged[f"{key}_condition"] = [wandb.Image(str(condition_path(p)), caption=s.caption)
                                               for s, p in zip(samples, paths) if s.condition is not None]
+            logged.update(wandb_grids(paths[0].parent) if paths else {})  # `val/grid`, `val/grid_video`
             logger.experiment.log(logged)
+    if paths and (paths[0].parent / "grid.png").exists():
+        tensorboard_image(loggers, "val/grid", paths[0].parent / "grid.png", step)
 
 
 def condition_path(sample_path: Path) -> Path:
