@@ -13,6 +13,7 @@ from test_training import tiny_cfg
 
 from finetune.ema import EMA, effective_decay, ema_weights
 from finetune.run import train
+from finetune.settings.check import ConfigError, check_config
 
 
 def ema_of(module) -> EMA:
@@ -52,6 +53,12 @@ def run_with(cfg, *callbacks):
         return train(cfg)
     finally:
         run.build = build
+
+
+@pytest.mark.parametrize("decay", ["1.0", "-0.1"])
+def test_decay_out_of_range_is_refused(decay):
+    with pytest.raises(ConfigError, match="callbacks.ema.decay"):
+        check_config(compose(["recipe=cogvideox_lora", "preset=tiny", f"callbacks.ema.decay={decay}"]))
 
 
 def test_warmup_formula():
@@ -113,8 +120,11 @@ def test_resume_continues_the_ema_bitwise(tmp_path):
 def test_ema_export_loads_in_diffusers(tmp_path, tiny_cogvideox):
     from diffusers import CogVideoXPipeline
 
-    module = train(tiny_cfg(tmp_path, "trainer.max_steps=4", "callbacks.ema.decay=0.9"))
+    module = train(tiny_cfg(tmp_path, "trainer.max_steps=4", "callbacks.ema.decay=0.9",
+                            "callbacks.export.formats=[diffusers,comfy]"))
     ema = ema_of(module)
+    files = sorted(p.name for p in (tmp_path / "export").iterdir() if p.is_file())
+    assert len(files) == 2 and sorted(p.name for p in (tmp_path / "export" / "ema").iterdir()) == files
     trained = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     pipe = CogVideoXPipeline.from_pretrained(tiny_cogvideox)
     pipe.load_lora_weights(tmp_path / "export" / "ema", adapter_name="ema")
