@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from finetune.atomic import atomic_path
 from finetune.checkpointing import interrupt_requested
+from finetune.ema import ema_weights, validation_weights
 from finetune.family import GenerationRequest
 from finetune.grids import log_progress
 from finetune.guards import TrainingFailed
@@ -73,8 +74,8 @@ class ValidationSamples(L.Callback):
         module.eval()
         # Sampling draws its noise from its own generators; keep the training draws untouched. The pipeline runs
         # the encoders that training from the encoded cache keeps on the CPU: they come to the device meanwhile.
-        with (self._whole_weights(trainer, module), module.encoders_on_device(), torch.random.fork_rng(devices=[]),
-              torch.no_grad()):
+        with (validation_weights(trainer, module), self._whole_weights(trainer, module), module.encoders_on_device(),
+              torch.random.fork_rng(devices=[]), torch.no_grad()):  # the EMA in, if asked: docs/tracking.md#ema
             samples = module.family.generate(mine, seed=self.seed + start, **self.generate_kwargs) if mine else []
         module.train(was_training)
         samples = gather_to_rank_zero(trainer, samples, sharded=self.splits(trainer))
@@ -170,6 +171,14 @@ class ExportAdapter(L.Callback):
                                 else "") + "; remove " + ", ".join(unknown or extra) + ".")
 
     def export(self, trainer: L.Trainer, module: L.LightningModule, directory: Path) -> None:
+        """The trained weights into `directory`; with the EMA on (`callbacks.ema`), its weights into `directory/ema/`
+        in the same formats (docs/tracking.md#ema)."""
+        self._export(trainer, module, directory)
+        with ema_weights(trainer, module) as swapped:  # swapped into this rank's shards, gathered by _export
+            if swapped:
+                self._export(trainer, module, directory / "ema")
+
+    def _export(self, trainer: L.Trainer, module: L.LightningModule, directory: Path) -> None:
         # All ranks gather (a collective under FSDP/ZeRO-3); rank zero writes.
         with full_parameters(trainer, module):
             if trainer.is_global_zero:
