@@ -57,11 +57,13 @@ class EMA(L.Callback):
         self._step = -1  # the global step of the last update
         self._loaded: dict | None = None
         self._sharded = False
+        self._trainer = self._module = None
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         from finetune.strategies import parameters_sharded
 
         self._sharded = parameters_sharded(trainer.strategy)
+        self._trainer, self._module = trainer, module  # for `state_dict`, which Lightning calls without them
 
     @property
     def active(self) -> bool:
@@ -113,6 +115,10 @@ class EMA(L.Callback):
         rank, gathered from every rank when the parameters are sharded (every rank builds the checkpoint dict)."""
         if self.shadow is None:
             return {}
+        # a checkpoint written before this callback's own on_train_batch_end ran for the step (Lightning runs checkpoint
+        # callbacks last, but a user's callback may save earlier) still holds the step's update
+        if self._trainer is not None:
+            self.catch_up(self._trainer, self._module)
         mine = {name: t.detach().cpu().clone() for name, t in self.shadow.items()}
         shards = [mine]
         dist = torch.distributed

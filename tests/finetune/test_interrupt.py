@@ -315,3 +315,25 @@ def test_a_run_killed_without_a_word_is_listed_as_killed_with_its_resume_command
     status = runs.describe(run_dir)
     assert status["status"] == "killed"
     assert status["resume"] == f"python train.py recipe=cogvideox_lora run_dir={run_dir.resolve()} ckpt_path=auto"
+
+
+def test_the_ema_resumes_exactly_after_an_interruption(tmp_path, tmp_path_factory):
+    """The interruption checkpoint holds the EMA of the step it was written at, and the resumed EMA is bitwise the
+    uninterrupted one's."""
+    from finetune.ema import EMA
+
+    ema = ["callbacks.ema.decay=0.9", "trainer.max_steps=5", "callbacks.samples.every_n_steps=0"]
+
+    def shadow(module):
+        (callback,) = [c for c in module.trainer.callbacks if isinstance(c, EMA)]
+        return callback.shadow
+
+    reference_dir = tmp_path_factory.mktemp("ema_whole")
+    reference = shadow(train(config(reference_dir, *ema)))
+    losses_of(reference_dir)
+    with pytest.raises(RunInterrupted):
+        train(config(tmp_path, *ema, *signal_at("forward", 2, "SIGINT")))
+    resumed = shadow(train(config(tmp_path, *ema, "ckpt_path=on_exception")))
+    losses_of(tmp_path)
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
