@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +50,30 @@ class LoRA:
             inject_adapter_in_model(config, module, adapter_name=self.adapter_name)
         keep_trainable_in_fp32(module)
 
+    def can_disable(self, step: int) -> bool:
+        """A LoRA can be switched off at any step: the base weights are never changed."""
+        return True
+
+    @contextlib.contextmanager
+    def disabled(self, module: nn.Module, step: int = 0) -> Iterator[None]:
+        """Inside, `module` (the network `apply` adapted) computes as the untrained base model: every peft layer's
+        adapters are off (LoRA layers pass through their base layer, `modules` their original copies). On leaving,
+        the adapters are on again and every parameter's `requires_grad` is as it was (peft toggles it)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        layers = [m for m in module.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+        grads = [(p, p.requires_grad) for p in module.parameters()]
+        try:
+            for layer in layers:
+                layer.enable_adapters(False)
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+            for param, flag in grads:
+                param.requires_grad_(flag)
+
 
 @dataclass
 class Full:
@@ -62,6 +88,17 @@ class Full:
         for name in matching_modules(module, self.modules) if self.modules else ():
             module.get_submodule(name).requires_grad_(True)
         keep_trainable_in_fp32(module)
+
+    def can_disable(self, step: int) -> bool:
+        """Only before the first step: a full finetune changes the base weights themselves."""
+        return step == 0
+
+    @contextlib.contextmanager
+    def disabled(self, module: nn.Module, step: int = 0) -> Iterator[None]:
+        """At step 0 the network is the untrained model: nothing to switch off. Later there is no untrained copy."""
+        if not self.can_disable(step):
+            raise ValueError(f"step {step}: a full finetune keeps no untrained copy of the network to compute with")
+        yield
 
 
 def matching_modules(module: nn.Module, names: list[str]) -> list[str]:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from finetune.atomic import atomic_path
 from finetune.checkpointing import interrupt_requested
@@ -22,6 +24,7 @@ from finetune.guards import TrainingFailed
 from finetune.lora_formats.record import engine_record
 from finetune.loggers import log_metrics
 from finetune.media import log_samples, save_samples
+from finetune.quality import quality_warnings, sample_signals
 
 
 def _run_dir(trainer: L.Trainer) -> Path:
@@ -55,33 +58,112 @@ class ValidationSamples(L.Callback):
         every_n_steps: 0 disables the periodic samples (the final ones are still made if `at_end`).
         seed: the generator seed of the first prompt (prompt i uses seed + i).
         generate_kwargs: passed to the family's `generate` (steps, guidance scale, fps).
+        baseline: before the first step, generate the same prompts with the same seeds with the adapter off (the
+            untrained model) into `run_dir/samples/baseline/`; every validation then logs quality signals against it
+            (`val/motion`, `val/saturation`, `val/color_drift`, `val/first_frame_distance`: docs/tracking.md#quality-signals).
+        min_motion_ratio: warn of a motion collapse when a video's motion falls below this times the baseline's.
+        max_color_drift: warn when a sample's colour histogram distance from its baseline exceeds this.
     """
 
+    setting_ranges = {"min_motion_ratio": "[0, 1]", "max_color_drift": "[0, 1]"}  # checked by finetune.settings.check
+
     def __init__(self, prompts: list, every_n_steps: int = 0, at_end: bool = True, seed: int = 42,
-                 generate_kwargs: dict | None = None):
+                 generate_kwargs: dict | None = None, baseline: bool = True, min_motion_ratio: float = 0.3,
+                 max_color_drift: float = 0.6):
         self.requests = generation_requests(prompts)
         self.every_n_steps, self.at_end, self.seed = every_n_steps, at_end, seed
         self.generate_kwargs = dict(generate_kwargs or {})
         self.last_step = -1
+        self.baseline, self.min_motion_ratio, self.max_color_drift = baseline, min_motion_ratio, max_color_drift
+        #: rank zero: the untrained model's samples, one per request (None: no baseline) and their signals
+        self.baseline_samples: list | None = None
+        self.baseline_signals: list[dict[str, float]] = []
+
+    def _generate(self, trainer: L.Trainer, module: L.LightningModule, adapter_off=None) -> list:
+        """Every rank enters; rank zero gets every request's sample in request order, the others []."""
+        start, mine = self.share(trainer)
+        was_training = module.training
+        module.eval()
+        # Sampling draws its noise from its own generators; keep the training draws untouched. The pipeline runs
+        # the encoders that training from the encoded cache keeps on the CPU: they come to the device meanwhile.
+        # The EMA in for the trained samples, if asked (docs/tracking.md#ema); the baseline turns the adapter off.
+        weights = adapter_off if adapter_off is not None else validation_weights(trainer, module)
+        with (weights, self._whole_weights(trainer, module), module.encoders_on_device(),
+              torch.random.fork_rng(devices=[]), torch.no_grad()):
+            samples = module.family.generate(mine, seed=self.seed + start, **self.generate_kwargs) if mine else []
+        module.train(was_training)
+        return gather_to_rank_zero(trainer, samples, sharded=self.splits(trainer))
 
     def _sample(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
         if step == self.last_step or not self.requests:
             return
         self.last_step = step
-        start, mine = self.share(trainer)
-        was_training = module.training
-        module.eval()
-        # Sampling draws its noise from its own generators; keep the training draws untouched. The pipeline runs
-        # the encoders that training from the encoded cache keeps on the CPU: they come to the device meanwhile.
-        with (validation_weights(trainer, module), self._whole_weights(trainer, module), module.encoders_on_device(),
-              torch.random.fork_rng(devices=[]), torch.no_grad()):  # the EMA in, if asked: docs/tracking.md#ema
-            samples = module.family.generate(mine, seed=self.seed + start, **self.generate_kwargs) if mine else []
-        module.train(was_training)
-        samples = gather_to_rank_zero(trainer, samples, sharded=self.splits(trainer))
+        samples = self._generate(trainer, module)
         if trainer.is_global_zero:
             self._write(trainer, samples, step)
+            self._report(trainer, samples, step)
         trainer.strategy.barrier()
+
+    # -- quality signals against the untrained model (docs/tracking.md#quality-signals) -------------------------
+
+    def _baseline_record(self) -> dict:
+        """What the baseline was drawn with: a saved one is reused only when all of it matches."""
+        return {"prompts": [r.prompt for r in self.requests],
+                "images": [None if r.image is None else str(r.image) for r in self.requests],
+                "seed": self.seed, "generate_kwargs": {k: self.generate_kwargs[k] for k in sorted(self.generate_kwargs)}}
+
+    def on_train_start(self, trainer, module) -> None:
+        """The baseline, before step 1: drawn with the adapter off; after a resume past step 0 the saved one
+        (`samples/baseline/`), else drawn again where the adapter can be switched off (a LoRA; not a full
+        finetune, whose untrained weights are gone)."""
+        if not (self.baseline and self.requests):
+            return
+        step, directory = trainer.global_step, _run_dir(trainer) / "samples" / "baseline"
+        loaded = None
+        if step > 0 and trainer.is_global_zero:
+            loaded = load_baseline(directory, self._baseline_record(), len(self.requests))
+        if step > 0 and trainer.strategy.broadcast(loaded is not None, src=0):
+            self._set_baseline(loaded)
+            rank_zero_info(f"validation baseline: {directory} (the untrained model's samples)")
+            return
+        if not module.adapter.can_disable(step):
+            rank_zero_info(f"validation baseline: none ({directory} is missing and a full finetune resumed at step "
+                           f"{step} has no untrained weights left); colour drift and the motion check are off")
+            return
+        samples = self._generate(trainer, module, module.adapter.disabled(module.family.trainable_module(), step))
+        if trainer.is_global_zero:
+            paths = save_samples(samples, directory)
+            (directory / "baseline.json").write_text(json.dumps(self._baseline_record(), indent=1), encoding="utf-8")
+            self._set_baseline(samples)
+            metrics = mean_per_prompt({f"baseline_{k}": v for k, v in s.items()} for s in self.baseline_signals)
+            if metrics:
+                log_metrics(trainer, metrics, step)
+            rank_zero_info(f"validation baseline (the untrained model): {paths[0].parent if paths else '-'}")
+        trainer.strategy.barrier()
+
+    def _set_baseline(self, samples: list) -> None:
+        self.baseline_samples = samples
+        self.baseline_signals = [sample_signals(s.kind, s.data, s.condition) for s in samples]
+
+    def _report(self, trainer: L.Trainer, samples: list, step: int) -> None:
+        """Rank zero: log each sample's quality signals and their means under `val/`, and warn of a motion collapse
+        or colour drift against the baseline."""
+        baseline = self.baseline_samples if self.baseline_samples and len(self.baseline_samples) == len(samples) \
+            else None
+        signals = []
+        for i, sample in enumerate(samples):
+            base = baseline[i] if baseline else None
+            found = sample_signals(sample.kind, sample.data, sample.condition,
+                                   base.data if base is not None and base.kind == sample.kind else None)
+            signals.append(found)
+            if base is not None:
+                for message in quality_warnings(found, self.baseline_signals[i], self.min_motion_ratio,
+                                                self.max_color_drift, label=f"step {step}, prompt {i}"):
+                    rank_zero_warn(message)
+        metrics = mean_per_prompt(signals)
+        if metrics:
+            log_metrics(trainer, metrics, step)
 
     def share(self, trainer: L.Trainer) -> tuple[int, list[GenerationRequest]]:
         """This rank's requests (a contiguous run, so request i keeps seed + i whichever rank makes it) and the index
@@ -127,6 +209,46 @@ class ValidationSamples(L.Callback):
             self._sample(trainer, module)
         if trainer.is_global_zero:  # every validation so far, this run's and those before a resume: progress.png
             log_progress(trainer.loggers, _run_dir(trainer) / "samples", trainer.global_step)
+
+
+def mean_per_prompt(signals) -> dict[str, float]:
+    """[{name: value} per prompt] -> `val/<name>/NN` per prompt and `val/<name>`, the mean over the prompts that
+    have it."""
+    metrics, values = {}, {}
+    for i, found in enumerate(signals):
+        for name, value in found.items():
+            metrics[f"val/{name}/{i:02d}"] = value
+            values.setdefault(name, []).append(value)
+    metrics.update({f"val/{name}": sum(v) / len(v) for name, v in values.items()})
+    return metrics
+
+
+def load_baseline(directory: Path, record: dict, count: int) -> list | None:
+    """The baseline samples `on_train_start` saved in `directory`, if they were drawn with `record` (prompts,
+    images, seed, generate_kwargs) and all `count` are there; else None. Videos come back decoded from their mp4."""
+    from PIL import Image
+
+    from finetune.family import Sample
+
+    try:
+        if json.loads((directory / "baseline.json").read_text(encoding="utf-8")) != record:
+            return None
+        samples = []
+        for i, prompt in enumerate(record["prompts"][:count]):
+            video, image = directory / f"{i:02d}.mp4", directory / f"{i:02d}.png"
+            if video.is_file():
+                import av
+
+                with av.open(str(video)) as container:
+                    frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+                samples.append(Sample("video", frames, prompt))
+            elif image.is_file():
+                samples.append(Sample("image", Image.open(image).convert("RGB"), prompt))
+            else:
+                return None
+        return samples if len(samples) == count else None
+    except (OSError, ValueError):
+        return None
 
 
 def gather_to_rank_zero(trainer: L.Trainer, samples: list, sharded: bool) -> list:
