@@ -127,6 +127,47 @@ def test_a_tiny_video_run_writes_and_logs_the_grids(tmp_path, tiny_cogvideox):
     assert len(list(media.glob("images/val/grid_*.png"))) == 2
     assert len(list(media.glob("videos/val/grid_video_*.gif"))) == 2
     assert len(list(media.glob("images/val/progress_*.png"))) == 1
+    # the run's history, as `wandb sync` would upload it: the quality signals, the baseline and the grids
+    history = wandb_history(run)
+    for key in ("val/motion", "val/saturation", "val/color_drift", "val/baseline_motion", "val/baseline_saturation"):
+        values = [json.loads(v) for v in history.get(key, [])]
+        assert values and all(isinstance(v, float) and v == v for v in values), key
+    assert len(history["val/motion"]) == 2 and len(history["val/baseline_motion"]) == 1  # each step; the baseline once
+    for key in ("val/grid/path", "val/grid_video/path", "val/progress/path"):
+        assert key in history, key
+
+
+def wandb_history(run) -> dict[str, list[str]]:
+    """key -> the JSON values logged under it, read from an offline run's `run-*.wandb` file: wandb's record log
+    (a 7-byte W&B header, then LevelDB-log blocks of 32 KiB whose chunks -- crc32 4 bytes, length 2, type 1:
+    full/first/middle/last -- hold `wandb_internal_pb2.Record` protobufs)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run.glob("run-*.wandb")
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    position, records, partial = 7, [], b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a chunk header is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        chunk, position = data[position + 7:position + 7 + length], position + 7 + length
+        if kind == 1:
+            records.append(chunk)
+        elif kind in (2, 3):
+            partial = (b"" if kind == 2 else partial) + chunk
+        elif kind == 4:
+            records.append(partial + chunk)
+    history: dict[str, list[str]] = {}
+    for raw in records:
+        record = wandb_internal_pb2.Record.FromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            for item in record.history.item:
+                history.setdefault(item.key or "/".join(item.nested_key), []).append(item.value_json)
+    return history
 
 
 def _decoded(path):
