@@ -55,29 +55,33 @@ BNB_LOGGER = "bitsandbytes.backends.cpu.ops"
 BNB_KERNELS = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'."
 
 
+class DropLines(logging.Filter):
+    """A logging filter that drops the records whose message starts with one of `prefixes`."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+# (logger, filter): the log lines above, each dropped where it is logged
+LOG_FILTERS = [
+    ("lightning.pytorch.utilities.rank_zero", DropLines(LITLOGGER_TIP, *DEVICE_LINES)),
+    # the same logger object bitsandbytes' getLogger(__name__) returns, when it is imported later
+    (BNB_LOGGER, DropLines(BNB_KERNELS)),
+]
+
+
 def quiet_known_warnings() -> None:
     """Silence the known messages above (idempotent: each filter is installed once)."""
     for message, category, module in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    for drop in (_drop_litlogger_tip, _drop_device_lines):
-        if drop not in rank_zero.filters:
-            rank_zero.addFilter(drop)
-    bnb = logging.getLogger(BNB_LOGGER)  # the same object bitsandbytes' getLogger(__name__) returns, imported later
-    if _drop_bnb_kernels not in bnb.filters:
-        bnb.addFilter(_drop_bnb_kernels)
-
-
-def _drop_litlogger_tip(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(LITLOGGER_TIP)
-
-
-def _drop_device_lines(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(DEVICE_LINES)
-
-
-def _drop_bnb_kernels(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(BNB_KERNELS)
+    for name, drop in LOG_FILTERS:
+        logger = logging.getLogger(name)
+        if drop not in logger.filters:
+            logger.addFilter(drop)
 
 
 
