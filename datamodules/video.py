@@ -12,6 +12,8 @@ centre-cropped, then scaled to [-1, 1]. A batch holds one bucket only. For image
 (`spec.conditioning_image`) a sample also has `image`: the file the data names for the clip, resized and
 cropped the same way, else the clip's first sampled frame. Samples: `video` [F, 3, H, W], `prompt`, `key`
 (the encoded-cache key: the file, caption, bucket, conditioning image and preprocessing), and `image` [3, H, W].
+Images (`image_root`, or image files among `root`'s rows) are one-frame samples in (1, H, W) buckets of their own
+where the family takes them (`spec.one_frame`; datamodules/video_images.py), `image_ratio` their share of the steps.
 Once the engine has encoded every sample (`finetune.cache`), it serves the cached encodings in place of the training
 dataset, read by key: no video is decoded during training.
 

@@ -43,8 +43,8 @@ def refuse_images(images: list[str], family_takes_them: bool, conditioning_image
     why = ("an image-to-video sample is the motion that follows its first frame, and a one-frame sample has none"
            if conditioning_image else "this model family trains on clips only")
     raise DataError(f"{len(images)} of the samples are images (one-frame samples), e.g. {images[0]}, but {why}. "
-                    f"Train images with a text-to-video recipe (recipe=cogvideox_lora or cogvideox15_lora), or remove "
-                    f"them from data.root / unset data.image_root.")
+                    f"Train them with a text-to-video recipe (docs/data.md#images-in-video-data), or remove them from "
+                    f"data.root / set data.image_root=null.")
 
 
 def probe_image(path: str, prompt: str, origin: str, buckets: list[Bucket], checked) -> dict:

@@ -121,7 +121,7 @@ def test_image_ratio_is_checked_before_decoding(tmp_path):
 def test_families_without_one_frame_samples_refuse_images(tmp_path):
     root = mixed_folder(tmp_path / "data")
     with pytest.raises(DataError, match=r"3 of the samples are images .*red.png, but an image-to-video sample is the "
-                                        r"motion .*recipe=cogvideox_lora"):
+                                        r"motion .*text-to-video recipe"):
         connected(root, one_frame=False, conditioning_image=True).check()
 
 
