@@ -12,6 +12,8 @@ centre-cropped, then scaled to [-1, 1]. A batch holds one bucket only. For image
 (`spec.conditioning_image`) a sample also has `image`: the file the data names for the clip, resized and
 cropped the same way, else the clip's first sampled frame. Samples: `video` [F, 3, H, W], `prompt`, `key`
 (the encoded-cache key: the file, caption, bucket, conditioning image and preprocessing), and `image` [3, H, W].
+Images (`image_root`, or image files among `root`'s rows) are one-frame samples in (1, H, W) buckets of their own
+where the family takes them (`spec.one_frame`; datamodules/video_images.py), `image_ratio` their share of the steps.
 Once the engine has encoded every sample (`finetune.cache`), it serves the cached encodings in place of the training
 dataset, read by key: no video is decoded during training.
 
@@ -33,8 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.textfiles import DataError
-from datamodules.video_buckets import VideoBatchSampler, bucket_volume, pick_bucket
+from datamodules.video_buckets import VideoBatchSampler, bucket_volume, check_image_ratio, pick_bucket
 from datamodules.sample_checks import BadSamples, CheckedFiles, check_all
+from datamodules.video_images import is_image_file, one_frame_buckets, probe_image, refuse_images
 from datamodules.video_io import UndecodableCodec, check_frames, count_frames, describe, read_frames, read_image
 from datamodules.table import TableDataset
 from datamodules.video_sources import (ClipRow, EmbeddedFile, has_list_layout, has_metadata, read_dataset,
@@ -129,7 +132,13 @@ class VideoDataModule(FamilyDataModule):
         check_workers: threads decoding the clips in `check()`.
         recheck_files: decode every clip in `check()` even when an earlier check found it, unchanged (same path,
             size and mtime), decodable as far as this run samples (`<kit cache>/checked/videos.jsonl`).
-        demo_count: samples of the generated demo set (root=demo).
+        demo_count: samples of the generated demo set (root=demo; image_root=demo: images of the generated demo
+            image set).
+        image_root: a second folder of images (metadata.jsonl/.csv or prompts.txt + videos.txt naming image files),
+            or `demo`; None: none. Images (in it or in `root`, by extension) train as one-frame samples in (1, H, W)
+            buckets where the family takes them (datamodules/video_images.py); a batch never mixes them with clips.
+        image_ratio: the share of each epoch's steps that train on images (0 < r < 1; images repeat or are
+            subsampled to reach it); None: every sample once per epoch.
     The buckets and whether samples carry a conditioning image come from the model family (`connect`).
     """
 
@@ -142,7 +151,7 @@ class VideoDataModule(FamilyDataModule):
                  video_column: str = "video", caption_column: str | None = None, image_column: str | None = None,
                  batch_size: int = 1, num_workers: int = 0, seed: int = 0, drop_last: bool = False,
                  on_bad_sample: Literal["fail", "skip"] = "fail", check_workers: int = 8, demo_count: int = 8,
-                 recheck_files: bool = False):
+                 recheck_files: bool = False, image_root: str | None = None, image_ratio: float | None = None):
         super().__init__()
         self.root, self.prompt_file, self.video_file, self.image_file = root, prompt_file, video_file, image_file
         self.split, self.dataset_config = split, dataset_config
@@ -150,6 +159,7 @@ class VideoDataModule(FamilyDataModule):
         self.batch_size, self.num_workers, self.seed, self.drop_last = batch_size, num_workers, seed, drop_last
         self.on_bad_sample, self.check_workers, self.demo_count = on_bad_sample, check_workers, demo_count
         self.recheck_files = recheck_files
+        self.image_root, self.image_ratio = image_root, image_ratio
         self.records: list[dict] | None = None
         self.embedded: dict[str, object] = {}  # column datasets of embedded videos/images, by "video"/"image"
 
@@ -161,12 +171,29 @@ class VideoDataModule(FamilyDataModule):
         return Path(self.root).expanduser()
 
     def rows(self, with_images: bool) -> list[ClipRow]:
-        root = self.dataset_root()
+        rows = self._rows_at(self.dataset_root(), self.root, with_images)
+        if self.image_root:
+            rows += self._rows_at(self._image_root(), self.image_root, with_images=False)
+        return rows
+
+    def _image_root(self) -> Path:
+        if self.image_root == "demo":
+            from datamodules.demo_images import write_demo_images
+
+            return write_demo_images(cache_root() / "data" / f"demo_images_{self.demo_count}", count=self.demo_count)
+        root = Path(self.image_root).expanduser()
+        if not root.is_dir() or not (has_metadata(root) or has_list_layout(root, self.prompt_file, self.video_file)):
+            raise DataError(f"data.image_root={self.image_root!r} is not a folder with metadata.jsonl/.csv (file_name "
+                            f"and prompt per image) or {self.prompt_file} + {self.video_file}. Fix the path, or use "
+                            f"data.image_root=demo.")
+        return root
+
+    def _rows_at(self, root: Path, name: str, with_images: bool) -> list[ClipRow]:
         if root.is_dir() and has_list_layout(root, self.prompt_file, self.video_file):
             return read_list_layout(root, self.prompt_file, self.video_file, self.image_file, with_images)
         if root.is_dir() and has_metadata(root):
             return read_metadata_layout(root, self.caption_column, self.image_column, with_images)
-        return read_dataset(self.root, self.split, self.dataset_config, self.video_column, self.caption_column,
+        return read_dataset(name, self.split, self.dataset_config, self.video_column, self.caption_column,
                             self.image_column, with_images)
 
     # -- check ----------------------------------------------------------------------------------
@@ -182,6 +209,9 @@ class VideoDataModule(FamilyDataModule):
         if not buckets:
             raise DataError("the model family gives no (frames, height, width) bucket to train at.")
         rows = self.rows(spec.conditioning_image)
+        refuse_images([str(row.video) for row in rows if is_image_file(row.video)], spec.one_frame,
+                      spec.conditioning_image)
+        check_image_ratio([is_image_file(row.video) for row in rows], self.image_ratio)  # before any decoding
         for row in rows:
             for name, source in (("video", row.video), ("image", row.image)):
                 if isinstance(source, EmbeddedFile):
@@ -222,6 +252,8 @@ class VideoDataModule(FamilyDataModule):
         video = _load(row.video)
         _exists(video, row.where, "video", "Fix the path (relative to the data folder) or remove the entry and "
                                            "its caption.")
+        if is_image_file(video):  # a one-frame sample (datamodules/video_images.py)
+            return probe_image(video, prompt, _origin(video), one_frame_buckets(buckets), checked)
         name = describe(video) if isinstance(video, str) else f"{row.where} (embedded video)"
         if isinstance(video, str) and Path(video).stat().st_size == 0:
             raise DataError(f"{name}: is empty (0 bytes): the data is missing (its copy or download did not finish, "
@@ -275,13 +307,13 @@ class VideoDataModule(FamilyDataModule):
                 "video_row": row.video.row if not isinstance(video, str) else -1,
                 "image": image if isinstance(image, str) else None,
                 "image_row": row.image.row if image is not None and not isinstance(image, str) else -1,
-                "frames": frames, "bucket": bucket, "prompt": prompt, "key": "|".join(key)}
+                "frames": frames, "bucket": bucket, "prompt": prompt, "key": "|".join(key), "kind": "video"}
 
     # -- setup, samples, loader -----------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         records = self.check()
         table = {name: [r[name] for r in records]
-                 for name in ("video", "video_row", "image", "image_row", "frames", "prompt", "key")}
+                 for name in ("video", "video_row", "image", "image_row", "frames", "prompt", "key", "kind")}
         table["bucket"] = [list(r["bucket"]) for r in records]
         self.dataset = TableDataset(table, ClipSamples(self.require_processor(), self.embedded))
 
@@ -289,8 +321,10 @@ class VideoDataModule(FamilyDataModule):
         return [(r["key"], tuple(r["bucket"])) for r in self.check()]
 
     def bucket_sampler(self, num_replicas: int | None = None, rank: int | None = None) -> VideoBatchSampler:
-        return VideoBatchSampler([r["bucket"] for r in self.check()], self.batch_size, seed=self.seed,
-                                 drop_last=self.drop_last, num_replicas=num_replicas, rank=rank)
+        records = self.check()
+        return VideoBatchSampler([r["bucket"] for r in records], self.batch_size, seed=self.seed,
+                                 drop_last=self.drop_last, num_replicas=num_replicas, rank=rank,
+                                 is_image=[r["kind"] == "image" for r in records], image_ratio=self.image_ratio)
 
     def train_dataloader(self):
         from torchdata.stateful_dataloader import StatefulDataLoader
@@ -341,6 +375,11 @@ class ClipSamples:
         for i, key in enumerate(batch["key"]):
             num_frames, height, width = batch["bucket"][i]
             source = self._media("video", batch["video"][i], batch["video_row"][i])
+            if batch["kind"][i] == "image":  # a one-frame sample: [1, 3, H, W]
+                sample = {"video": resize_crop(read_image(source)[None], height, width), "prompt": batch["prompt"][i],
+                          "key": key}
+                samples.append(self.processor(sample))
+                continue
             try:  # check() decoded these frames: this fails only if the file changed since
                 frames = read_frames(source, frame_indices(batch["frames"][i], num_frames))
             except Exception as err:

@@ -30,10 +30,13 @@ class VideoSpec:
     `buckets`: the (frames, height, width) sizes the model accepts (the family has checked each against its own
     frame and size rules); a clip is sampled and resized/cropped to one of them and a batch holds one bucket.
     `conditioning_image`: each sample also carries `image` [3, H, W] in [-1, 1], the image the video starts
-    from (image-to-video): the one the data names for the clip, else the clip's first frame."""
+    from (image-to-video): the one the data names for the clip, else the clip's first frame.
+    `one_frame`: the family also trains on images, each a one-frame video in a (1, H, W) bucket of its own (one per
+    (H, W) of `buckets`); False: the data module refuses images before the model loads."""
 
     buckets: tuple[tuple[int, int, int], ...]
     conditioning_image: bool = False
+    one_frame: bool = False
 
 
 @dataclass(frozen=True)

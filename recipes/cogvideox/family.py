@@ -114,6 +114,9 @@ class CogVideoX(DiffusersFamily):
     base_family, base_variant = "CogVideoX", "T2V 1.0"
     #: whether each clip comes with the image it starts from (image-to-video)
     conditioning_image = False
+    #: images train as one-frame videos in (1, H, W) buckets (docs/cogvideox.md#images-in-video-training): the VAE
+    #: keeps a lone frame as one latent frame, as the pipeline's `num_frames=1` does ((1 - 1) // 4 + 1 = 1)
+    one_frame_samples = True
 
     def __init__(self, path: str = "THUDM/CogVideoX-2b", dtype: str = "bf16", height: int = 480,
                  width: int = 720, num_frames: int = 49, buckets: list | None = None, max_sequence_length: int = 226,
@@ -167,7 +170,7 @@ class CogVideoX(DiffusersFamily):
         config = json.loads((Path(checkpoint) / "transformer" / "config.json").read_text())
         check_video_settings(height, width, num_frames, config)
         return Processor(VideoSpec(buckets=video_buckets(num_frames, height, width, buckets, config),
-                                   conditioning_image=cls.conditioning_image))
+                                   conditioning_image=cls.conditioning_image, one_frame=cls.one_frame_samples))
 
     def cache_namespace(self) -> str:
         return (f"{self.family_name}|{self.path}|encoders={self.encoder_files()}|{self.dtype_name}"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.data import DataError
 from finetune.family import GenerationRequest, Sample
 from recipes.cogvideox.family import CogVideoX
 from recipes.diffusion.objectives import sample_latents
@@ -49,6 +50,9 @@ class CogVideoXImageToVideo(CogVideoX):
     family_name = "cogvideox_i2v"
     base_variant = "I2V 1.0"
     conditioning_image = True  # each clip with its first frame (`image`, [3, H, W] in [-1, 1])
+    # An image-to-video sample is the motion that follows its first frame; a one-frame sample has none to learn, and
+    # the official I2V finetune trains clips only. The data module refuses images before the model loads.
+    one_frame_samples = False
     setting_ranges = {**CogVideoX.setting_ranges, "image_dropout": "[0, 1]"}
 
     # The settings are the schema (finetune/settings/check.py): CogVideoX's, named again, and the two of
@@ -75,6 +79,10 @@ class CogVideoXImageToVideo(CogVideoX):
         if "image" not in batch:
             raise KeyError("an image-to-video batch needs `image` [B, 3, H, W] in [-1, 1]: use a data module that "
                            "honours VideoSpec(conditioning_image=True), e.g. datamodules.video.VideoDataModule.")
+        if batch["video"].shape[1] == 1:  # the data module refuses them first (VideoSpec.one_frame=False)
+            raise DataError(f"{self.family_name}: a one-frame sample (an image) cannot train image-to-video: it has no "
+                            f"frames after the one it starts from. Train images with the text-to-video recipe "
+                            f"(cogvideox_lora / cogvideox15_lora), or remove them from the data.")
         encoded = super().encode(batch)
         image = batch["image"].to(self.vae.device, self.vae.dtype)
         if not self.cache_image_latents:

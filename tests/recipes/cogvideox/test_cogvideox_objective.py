@@ -161,10 +161,10 @@ def test_buckets_are_checked_and_handed_to_the_data(tiny_cogvideox):
     from finetune.data import DataError, VideoSpec
 
     spec = CogVideoX.data_processor(CogVideoX.local_checkpoint("tiny"), height=32, width=32, num_frames=9).spec
-    assert spec == VideoSpec(buckets=((9, 32, 32),))  # buckets: null -> the validation size
+    assert spec == VideoSpec(buckets=((9, 32, 32),), one_frame=True)  # buckets: null -> the validation size
     spec = CogVideoX.data_processor(CogVideoX.local_checkpoint("tiny"), height=32, width=32, num_frames=9,
                                     buckets=[[9, 32, 32], [17, 32, 48]]).spec
-    assert spec == VideoSpec(buckets=((9, 32, 32), (17, 32, 48)))
+    assert spec == VideoSpec(buckets=((9, 32, 32), (17, 32, 48)), one_frame=True)
     with pytest.raises(DataError, match=r"model.buckets\[1\]=\[10, 32, 48\]: frames=10 is not 8N\+1.*Use 9 or 17"):
         CogVideoX.data_processor(CogVideoX.local_checkpoint("tiny"), height=32, width=32, num_frames=9, buckets=[[9, 32, 32], [10, 32, 48]])
     with pytest.raises(DataError, match=r"model.buckets\[0\]=\[9, 40, 32\]: height=40 is not a multiple of 16"):
