@@ -24,6 +24,7 @@ from finetune.console import quiet_known_warnings
 from finetune.errors import PathSettingError, RunDirError
 from finetune.hub import check_weight_files
 from finetune.lora_formats.record import check_lora_fits
+from finetune.loop import quiet_profiler
 from finetune.module import FinetuneModule
 from finetune.settings.check import ConfigError, check_choices, check_config, check_trainable_modules
 
@@ -158,8 +159,10 @@ def build(cfg: DictConfig, checked: bool = False) -> tuple[L.Trainer, FinetuneMo
     logger = instantiate(cfg.logger) if cfg.logger else False  # conf/logger/none.yaml: no logger
     # conf/strategy/auto.yaml names a Lightning strategy (`name: auto`) instead of building one
     strategy = instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
+    # trainer.profiler null: Lightning's pass-through profiler without its per-hook context managers (finetune/loop.py)
+    profiler = {} if cfg.trainer.get("profiler") else {"profiler": quiet_profiler()}
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), strategy=strategy,
-                          callbacks=callbacks, logger=logger)
+                          callbacks=callbacks, logger=logger, **profiler)
     module.identity = run_identity(cfg)
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -78,7 +78,9 @@ def ranges_of(target) -> dict[str, Range]:
     """`setting_ranges` of the target (the kit's own) merged over `OUTSIDE_RANGES` (torch, Lightning)."""
     if not OUTSIDE_RANGES:
         OUTSIDE_RANGES.update(_outside_ranges())
-    specs = dict(OUTSIDE_RANGES.get(target, {}))
+    specs = {}
+    for base in reversed(getattr(target, "__mro__", (target,))):  # a subclass keeps its base's ranges
+        specs.update(OUTSIDE_RANGES.get(base, {}))
     specs.update(getattr(target, "setting_ranges", None) or {})
     return {name: Range(spec) for name, spec in specs.items()}
 
