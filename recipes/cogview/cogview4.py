@@ -222,6 +222,11 @@ class CogView4(BucketedImageFamily):
         mask = torch.arange(longest, device=lengths.device)[None, :] < lengths[:, None]
         return embeds, (None if bool(mask.all()) else mask)
 
+    def transformer_input(self, x_t: torch.Tensor, encoded: dict) -> torch.Tensor:
+        """The transformer's `hidden_states` at the noisy latents `x_t`: `x_t` itself (a control family concatenates
+        its control latents on channels, `recipes/cogview/cogview4_control.py`)."""
+        return x_t
+
     def per_sample_loss(self, encoded: dict, noise: torch.Tensor | None = None, sigmas: torch.Tensor | None = None,
                         x0: torch.Tensor | None = None) -> torch.Tensor:
         x0 = self.sample_latents(encoded) if x0 is None else x0
@@ -233,7 +238,8 @@ class CogView4(BucketedImageFamily):
 
         def predict(x_t, timestep):
             return self.transformer(
-                hidden_states=x_t.to(dtype), encoder_hidden_states=embeds.to(dtype), timestep=timestep,
+                hidden_states=self.transformer_input(x_t, encoded).to(dtype), encoder_hidden_states=embeds.to(dtype),
+                timestep=timestep,
                 original_size=sizes, target_size=sizes, crop_coords=torch.zeros_like(sizes), attention_mask=mask,
                 return_dict=False)[0]
 
