@@ -133,7 +133,10 @@ class CogView4(BucketedImageFamily):
 
     @classmethod
     def recognize_lora(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:
-        """CogView4's time embedding by name, else its hidden size (4096: 32 heads x 128)."""
+        """CogView4's time embedding by name, else its hidden size (4096: 32 heads x 128); a fully trained patch
+        embedding of other than 16 x 2 x 2 inputs is another model's (CogView4 control's 128)."""
+        if any(key.endswith("patch_embed.proj.weight") and shape[-1] != 64 for key, shape in shapes.items()):
+            return None
         if any("time_condition_embed" in key for key in shapes):
             return "CogView4-6B"
         return "CogView4-6B" if query_widths(shapes) == {4096} else None

@@ -118,7 +118,7 @@ def apply_control_lora(pipe, path: str | os.PathLike, adapter_name: str = "contr
         from diffusers import CogView4ControlPipeline
         from recipes.cogview.cogview4_control import apply_control_lora
 
-        pipe = CogView4ControlPipeline.from_pretrained("THUDM/CogView4-6B-Control", torch_dtype=torch.bfloat16)
+        pipe = CogView4ControlPipeline.from_pretrained("THUDM/CogView4-6B-Control", dtype=torch.bfloat16)
         apply_control_lora(pipe, "runs/my_canny/export")
         image = pipe(prompt, control_image=canny, guidance_scale=3.5).images[0]
     """
@@ -261,8 +261,7 @@ class CogView4Control(CogView4):
         if not isinstance(adapter, LoRA):
             return self.write_transformer(directory)
         file = self.write_lora_weights(directory, adapter.adapter_name, self.model_record(record))
-        state, _ = self.lora_state(adapter.adapter_name)
-        full = _full_tensors(state)
+        full = self.full_state(adapter.adapter_name)
         if full:  # write_adapter keeps LoRA pairs only: the fully trained modules go beside them, same key prefix
             from safetensors import safe_open
             from safetensors.torch import save_file
@@ -273,6 +272,16 @@ class CogView4Control(CogView4):
             save_file(tensors, str(file), metadata=header)
         self.write_fused_transformer(Path(directory) / "transformer", adapter.adapter_name)
         return file
+
+    def lora_state(self, adapter_name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """The LoRA pairs only (what the LoRA file formats hold); the fully trained modules: `full_state`."""
+        state, config = super().lora_state(adapter_name)
+        full = _full_tensors(state)
+        return {k: v for k, v in state.items() if k not in full}, config
+
+    def full_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's fully trained modules (PEFT's `modules_to_save`: the from-base start's `patch_embed.proj`)."""
+        return _full_tensors(super().lora_state(adapter_name)[0])
 
     def write_fused_transformer(self, path: Path, adapter_name: str = "default") -> Path:
         """The transformer with the LoRA folded into its weights (`finetune.adapters.merged_state_dict`), in diffusers
