@@ -253,12 +253,11 @@ def test_validation_samples_keep_their_control_image(cache_dir, tmp_path):
 
 
 def test_docs_load_block_runs(trained_lora):
-    """docs/cogview.md's `load-control` block with the tiny checkpoint and this export."""
+    """docs/cogview.md's `load-control` block with the tiny checkpoint of this start (a base one: the fused
+    transformer and `apply_control_lora` bring the widened patch embedding) and this export."""
     from test_readme import block_after
 
-    start, module, out, _ = trained_lora
-    if start != "tiny":
-        pytest.skip("one start is enough for the snippet")
+    _, module, out, _ = trained_lora
     snippet = block_after("load-control", "docs/cogview.md")
     snippet = snippet.replace('"THUDM/CogView4-6B-Control"', repr(module.family.checkpoint_dir)).replace(
         '"outputs/cogview4_control_lora/RUN/export"', repr(str(out))).replace("torch.bfloat16", "torch.float32")
@@ -269,3 +268,34 @@ def test_docs_load_block_runs(trained_lora):
                                    transformer_output(module.family.transformer), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(transformer_output(scope["lora_pipe"].transformer),
                                    transformer_output(module.family.transformer), rtol=1e-5, atol=1e-5)
+
+
+def test_control_latents_come_from_the_encoded_cache(cache_dir, tmp_path):
+    """The control's posterior is cached with the image's (canny demo data): the epoch read from the cache, with the
+    encoders gone, has the encoders' losses."""
+    from datamodules.images import ImageDataModule
+    from finetune.cache import EncodedCache, precompute, serve_encoded
+
+    family = tiny()
+    data = ImageDataModule(root="demo", batch_size=2, demo_count=4, control="canny")
+    data.connect(CogView4Control.data_processor(bucket_pixels=4096, min_side=32, max_side=64, max_pixels=4096))
+    data.setup()
+    batches = list(data.train_dataloader())
+
+    def epoch(batches, encode) -> torch.Tensor:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return torch.tensor([family.training_loss(encode(b)).item() for b in batches])
+
+    first = epoch(batches, family.encode)
+    cache = EncodedCache(tmp_path, family.cache_namespace())
+    assert precompute(cache, data, family.encode) == 4
+    key = data.sample_index()[0][0]
+    assert "|control=canny:" in key and cache.read(key)["control_mean"].shape[0] == 16
+
+    def fail(*args, **kwargs):
+        raise AssertionError("an encoder ran although the cache holds every sample")
+
+    family.vae.encode = fail
+    serve_encoded(data, cache)
+    torch.testing.assert_close(epoch(list(data.train_dataloader()), lambda b: b), first, rtol=1e-5, atol=1e-6)
