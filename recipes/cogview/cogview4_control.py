@@ -22,7 +22,8 @@ Exports that stock diffusers loads (`CogView4ControlPipeline` has no LoRA loader
 `export/transformer/` is the control transformer with the LoRA fused (`CogView4Transformer2DModel.from_pretrained`,
 then `CogView4ControlPipeline.from_pretrained(base, transformer=...)`); `export/pytorch_lora_weights.safetensors`
 is the LoRA (diffusers key names, alpha folded, plus the fully trained `patch_embed.proj` of the from-base start) for
-`adapter_path`, `cogft merge` and `apply_control_lora` (PEFT onto a loaded pipeline). docs/lora-formats.md#cogview4-control.
+`adapter_path`, `cogft merge` and `apply_control_lora` (PEFT onto a loaded pipeline):
+docs/lora-formats.md#cogview4-control.
 """
 
 from __future__ import annotations
@@ -172,7 +173,8 @@ class CogView4Control(CogView4):
 
     @classmethod
     def local_checkpoint(cls, path: str, weights: bool = True) -> str:
-        """`tiny`: the tiny control checkpoint (recipes/cogview/cogview4_control_tiny.py); `tiny-base`: the tiny CogView4;
+        """`tiny`: the tiny control checkpoint (recipes/cogview/cogview4_control_tiny.py); `tiny-base`: the tiny
+        CogView4;
         else as CogView4 (a hub id or folder of either start)."""
         from finetune.hub import resolve_pretrained
         from recipes.cogview.cogview4_control_tiny import save_tiny_cogview4_control
@@ -249,9 +251,9 @@ class CogView4Control(CogView4):
             return
         self.widened_checked = True
         if not any(p.requires_grad for p in self.transformer.patch_embed.proj.parameters()):
-            raise ConfigError(f"model.path={self.path!r} is a base CogView4 checkpoint: its patch embedding was widened "
-                              f"for the control channels (zero weights) and must train, or the control is ignored. "
-                              f"Add adapter.modules=[{PATCH_PROJ}] (or start from THUDM/CogView4-6B-Control).")
+            raise ConfigError(f"model.path={self.path!r} is a base CogView4 checkpoint: its patch embedding was "
+                              f"widened for the control channels (zero weights) and must train, or the control is "
+                              f"ignored. Add adapter.modules=[{PATCH_PROJ}] (or start from THUDM/CogView4-6B-Control).")
 
     # -- export and reload ------------------------------------------------------------------------
     def export(self, directory: str | os.PathLike, adapter, record: dict | None = None) -> Path:
