@@ -13,6 +13,10 @@ stops the run with the file (and line) named, or with `on_bad_sample=skip` is le
 Each image goes to the bucket nearest its aspect ratio (datamodules/buckets.py; the buckets' area and limits
 are the model family's `finetune.data.ImageSpec`, handed over by the engine), is resized to cover the bucket
 and centre-cropped, and scaled to [-1, 1]. Batches: `image` [B, 3, H, W], `prompt`, `key`.
+
+Control recipes (CogView4 control: the family's `ImageSpec.control_image`) also get `control_image` [B, 3, H, W],
+each resized and cropped into its image's bucket: a file paired with the image, or computed from it (`data.control`:
+datamodules/controls.py); the pair is checked with the image and part of its sample key (so of the encoded cache).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from datamodules import controls as control_sources
 from datamodules.buckets import BucketBatchSampler, make_buckets, nearest_bucket
 from datamodules.hf_datasets import load_split
 from datamodules.sample_checks import BadSamples, CheckedFiles, OnBadSample, check_all
@@ -176,18 +181,26 @@ class ImageDataModule(FamilyDataModule):
             caption, naming every one; `skip` leaves each out with a warning and counts them.
         recheck_files: decode every image in `check()` even when an earlier check decoded it, unchanged (same
             path, size and mtime, or the same embedded bytes): `<kit cache>/checked/images.jsonl`.
+        control: where each sample's control image comes from, for control recipes (datamodules/controls.py):
+            `pairs` (the `control_column` or a `controls/` folder), `canny` (computed from the image),
+            `depth_from_file` (a `depth/` folder); null: none (text-to-image).
+        control_column: the column naming each image's control image (`pairs`).
+        canny_low, canny_high: `cv2.Canny`'s hysteresis thresholds (`canny`): lower ones keep fainter edges.
     The buckets' area and limits come from the model family (`connect`).
     """
 
     spec_type = ImageSpec
     # checked by finetune.settings.check
-    setting_ranges = {"batch_size": ">=1", "num_workers": ">=0", "demo_count": ">=1"}
+    setting_ranges = {"batch_size": ">=1", "num_workers": ">=0", "demo_count": ">=1", "canny_low": ">=0",
+                      "canny_high": ">=0"}
 
     def __init__(self, root: str, split: str = "train", image_column: str = "image",
                  caption_column: str | None = None, dataset_config: str | None = None, batch_size: int = 1,
                  num_workers: int = 0, seed: int = 0, drop_last: bool = False, demo_count: int = 12,
-                 on_bad_sample: OnBadSample = "fail", recheck_files: bool = False):
+                 on_bad_sample: OnBadSample = "fail", recheck_files: bool = False, control: str | None = None,
+                 control_column: str = "control_image", canny_low: int = 100, canny_high: int = 200):
         super().__init__()
+        self.control, self.control_column, self.canny = control, control_column, (canny_low, canny_high)
         self.on_bad_sample, self.recheck_files = on_bad_sample, recheck_files
         self.root, self.split, self.dataset_config = root, split, dataset_config
         self.image_column, self.caption_column = image_column, caption_column
@@ -220,10 +233,32 @@ class ImageDataModule(FamilyDataModule):
             if column not in ds.column_names:
                 raise DataError(f"data.{name}={column!r} is not a column of {self.root!r}; its columns are "
                                 f"{ds.column_names}.")
-        ds = ds.select_columns([self.image_column, caption_column])
-        if isinstance(ds.features[self.image_column], datasets.Image):
-            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
-        return ds.rename_columns({self.image_column: "image", caption_column: "prompt"}), relative_to
+        names = {self.image_column: "image", caption_column: "prompt"}
+        if self.control == "pairs":
+            if self.control_column not in ds.column_names:
+                raise DataError(f"data.control=pairs: data.control_column={self.control_column!r} is not a column of "
+                                f"{self.root!r}; its columns are {ds.column_names}.")
+            names[self.control_column] = "control_image"
+        elif self.control == "depth_from_file":
+            raise DataError(f"data.control=depth_from_file reads a depth/ folder beside the images: data.root="
+                            f"{self.root!r} is not an image folder; give the depth maps as data.control=pairs with "
+                            f"data.control_column.")
+        ds = ds.select_columns(list(names))
+        for column in names:
+            if names[column] != "prompt" and isinstance(ds.features[column], datasets.Image):
+                ds = ds.cast_column(column, datasets.Image(decode=False))
+        return ds.rename_columns(names), relative_to
+
+    def check_control(self, spec: ImageSpec) -> None:
+        """The family needs a control image exactly when `data.control` gives one."""
+        control_sources.check_mode(self.control)
+        if spec.control_image and self.control is None:
+            raise DataError("this model trains on image + control image pairs: set data.control=pairs (a "
+                            "control_image column or a controls/ folder), canny or depth_from_file "
+                            "(datamodules/controls.py).")
+        if self.control is not None and not spec.control_image:
+            raise DataError(f"data.control={self.control}: this model takes no control image; remove data.control "
+                            f"or use a control recipe (cogview4_control_lora).")
 
     # -- check, setup, loader -------------------------------------------------------------------
     def check(self) -> dict:
@@ -232,16 +267,21 @@ class ImageDataModule(FamilyDataModule):
         if self.table is not None:
             return self.table
         spec: ImageSpec = self.require_processor().spec
+        self.check_control(spec)
         buckets = make_buckets(target_pixels=spec.pixels, min_side=spec.min_side, max_side=spec.max_side,
                                multiple=spec.multiple, max_pixels=spec.max_pixels)
         folder = self._folder()
         if folder is not None:
             rows, base = read_metadata(folder, self.caption_column), None
             total = len(rows)
+            paired = control_sources.control_files(folder, [r[0] for r in rows], self.control, self.control_column) \
+                if self.control else [None] * total
+            rows = [(*row, control) for row, control in zip(rows, paired)]
         else:
             base, relative_to = self._dataset()
             total = len(base)
-            rows = ((_resolve(row["image"], relative_to), row["prompt"], f"{self.root}[{self.split}] row {index}")
+            rows = ((_resolve(row["image"], relative_to), row["prompt"], f"{self.root}[{self.split}] row {index}",
+                     _resolve(row["control_image"], relative_to) if self.control == "pairs" else None)
                     for index, row in enumerate(base))  # lazily: embedded images are not all held in memory
         if not total:
             raise DataError(f"data.root={self.root!r}{'' if folder else f' (split {self.split!r})'} holds no images. "
@@ -249,31 +289,45 @@ class ImageDataModule(FamilyDataModule):
 
         checked = CheckedFiles("images", recheck=self.recheck_files)
 
+        def decoded(source, where: str) -> tuple[str, tuple[int, int]]:
+            """The file's origin and size, decoding it in full once (a missing file: the DataError that names it)."""
+            try:
+                origin = _origin(source)
+            except FileNotFoundError:
+                image_size(source, where)  # raises the DataError that names the missing file and the fix
+                raise
+            known = checked.get(origin)
+            size = tuple(known["size"]) if known else image_size(source, where)
+            checked.put(origin, {"size": list(size)})
+            return origin, size
+
         def examine(row) -> tuple | str:
-            source, caption, where = row
+            source, caption, where, control = row
             try:
                 caption = _caption(caption, where)
-                try:
-                    origin = _origin(source)
-                except FileNotFoundError:
-                    image_size(source, where)  # raises the DataError that names the missing file and the fix
-                    raise
-                known = checked.get(origin)
-                size = tuple(known["size"]) if known else image_size(source, where)  # decoded in full once
-                checked.put(origin, {"size": list(size)})
+                origin, size = decoded(source, where)
                 check_size(size, buckets, _describe(source, where))
+                if control is not None:  # a paired file: it exists, decodes, and is the image's size
+                    control_origin, control_size = decoded(control, f"{where} (control image)")
+                    control_sources.check_pair(size, control_size, _describe(source, where),
+                                               _describe(control, f"{where} control_image"))
             except DataError as err:
                 return str(err)
             bucket = nearest_bucket(*size, buckets)
-            return source, caption, bucket, _source_key(origin, caption, bucket)
+            key = _source_key(origin, caption, bucket)
+            if self.control is not None:  # the control is part of the sample: its file, or how it is computed
+                key += f"|control={self.control}:" + (control_origin if control is not None else
+                                                      f"{self.canny[0]},{self.canny[1]}")
+            return source, caption, bucket, key, control
 
         bad = BadSamples(self.on_bad_sample)
-        paths, prompts, keys, sizes, kept = [], [], [], [], []
+        paths, prompts, keys, sizes, kept, paired = [], [], [], [], [], []
         for index, result in enumerate(check_all(rows, examine, total=total)):
             if isinstance(result, str):
                 bad.add(result)
                 continue
-            source, caption, bucket, key = result
+            source, caption, bucket, key, control = result
+            paired.append(control if isinstance(control, str) else None)
             kept.append(index)
             prompts.append(caption)
             sizes.append(bucket)
@@ -286,9 +340,11 @@ class ImageDataModule(FamilyDataModule):
                             f"(data.on_bad_sample=skip; see the warnings above). Fix them or use other data.")
         embedded = base is not None and not isinstance(paths[0], str)
         if embedded:
-            images = base.select_columns(["image"])
+            images = base.select_columns(["image", "control_image"] if self.control == "pairs" else ["image"])
             images = images.select(kept) if len(kept) < total else images
         self.table = {"images": images if embedded else paths, "prompt": prompts, "key": keys, "bucket": sizes}
+        if self.control is not None and not embedded:
+            self.table["control_image"] = paired
         return self.table
 
     def setup(self, stage: str | None = None) -> None:
@@ -296,7 +352,9 @@ class ImageDataModule(FamilyDataModule):
         images = table["images"]
         columns = {"prompt": table["prompt"], "key": table["key"], "height": [h for h, _ in table["bucket"]],
                    "width": [w for _, w in table["bucket"]]}
-        transform = ImageSamples(self.require_processor())
+        transform = ImageSamples(self.require_processor(), self.control, self.canny)
+        if "control_image" in table:
+            columns["control_image"] = table["control_image"]
         if isinstance(images, list):  # file paths: a plain table (no `datasets` import, no Arrow copy)
             self.dataset = TableDataset({"image": images, **columns}, transform)
             return
@@ -330,18 +388,29 @@ class ImageSamples:
     fingerprints a transform by pickling it, and loaders pickle their dataset into spawned workers; a bound method
     would take the data module with it and, once Lightning attached it, the trainer and the model."""
 
-    def __init__(self, processor):
-        self.processor = processor
+    def __init__(self, processor, control: str | None = None, canny: tuple[int, int] = (100, 200)):
+        self.processor, self.control, self.canny = processor, control, canny
 
     def __call__(self, batch: dict) -> dict:
         samples = []
-        for source, height, width, prompt, key in zip(batch["image"], batch["height"], batch["width"],
-                                                      batch["prompt"], batch["key"]):
-            try:
-                with _open(source) as image:
-                    pixels = resize_crop(image, height, width)
-            except Exception as err:  # a truncated body passes the header check: still name the file
-                raise DataError(f"{_describe(source, 'dataset row')}: cannot be decoded ({type(err).__name__}: "
-                                f"{err}). Re-save or remove it.") from None
-            samples.append(self.processor({"image": pixels, "prompt": prompt, "key": key}))
+        controls = batch.get("control_image") or [None] * len(batch["key"])
+        for source, height, width, prompt, key, control in zip(batch["image"], batch["height"], batch["width"],
+                                                               batch["prompt"], batch["key"], controls):
+            pixels = _pixels(source, height, width)
+            sample = {"image": pixels, "prompt": prompt, "key": key}
+            if self.control == "canny":
+                sample["control_image"] = control_sources.canny(pixels, *self.canny)
+            elif self.control is not None:
+                convert = control_sources.depth_to_rgb if self.control == "depth_from_file" else None
+                sample["control_image"] = _pixels(control, height, width, convert)
+            samples.append(self.processor(sample))
         return {name: [s[name] for s in samples] for name in samples[0]}
+
+
+def _pixels(source, height: int, width: int, convert=None) -> torch.Tensor:
+    try:
+        with _open(source) as image:
+            return resize_crop(image if convert is None else convert(image), height, width)
+    except Exception as err:  # a truncated body passes the header check: still name the file
+        raise DataError(f"{_describe(source, 'dataset row')}: cannot be decoded ({type(err).__name__}: "
+                        f"{err}). Re-save or remove it.") from None

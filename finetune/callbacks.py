@@ -42,8 +42,15 @@ def full_parameters(trainer: L.Trainer, module: L.LightningModule):
 
 
 def generation_requests(prompts: list) -> list[GenerationRequest]:
-    """Config entries -> requests: a prompt string, or a mapping with `prompt` and conditioning media (`image`)."""
-    return [GenerationRequest(p) if isinstance(p, str) else GenerationRequest(**p) for p in prompts]
+    """Config entries -> requests: a prompt string, or a mapping with `prompt` and conditioning media (`image`, and
+    any other named media, e.g. `control_image`, into `media`)."""
+    def request(entry) -> GenerationRequest:
+        if isinstance(entry, str):
+            return GenerationRequest(entry)
+        entry = dict(entry)
+        return GenerationRequest(entry.pop("prompt"), entry.pop("image", None), media=entry)
+
+    return [request(p) for p in prompts]
 
 
 class ValidationSamples(L.Callback):
@@ -54,7 +61,8 @@ class ValidationSamples(L.Callback):
 
     Args:
         prompts: the validation prompts (the same every time, so samples are comparable): strings, or mappings
-            `{prompt: ..., image: PATH}` for families conditioned on an image (image-to-video).
+            `{prompt: ..., image: PATH}` for families conditioned on an image (image-to-video), or with other named
+            media (`{prompt: ..., control_image: PATH}`: CogView4 control).
         every_n_steps: 0 disables the periodic samples (the final ones are still made if `at_end`).
         seed: the generator seed of the first prompt (prompt i uses seed + i).
         generate_kwargs: passed to the family's `generate` (steps, guidance scale, fps).
@@ -109,9 +117,12 @@ class ValidationSamples(L.Callback):
 
     def _baseline_record(self) -> dict:
         """What the baseline was drawn with: a saved one is reused only when all of it matches."""
-        return {"prompts": [r.prompt for r in self.requests],
-                "images": [None if r.image is None else str(r.image) for r in self.requests],
-                "seed": self.seed, "generate_kwargs": {k: self.generate_kwargs[k] for k in sorted(self.generate_kwargs)}}
+        record = {"prompts": [r.prompt for r in self.requests],
+                  "images": [None if r.image is None else str(r.image) for r in self.requests],
+                  "seed": self.seed, "generate_kwargs": {k: self.generate_kwargs[k] for k in sorted(self.generate_kwargs)}}
+        if any(r.media for r in self.requests):  # other named media (control images)
+            record["media"] = [{k: str(v) for k, v in sorted(r.media.items())} for r in self.requests]
+        return record
 
     def on_train_start(self, trainer, module) -> None:
         """The baseline, before step 1: drawn with the adapter off; after a resume past step 0 the saved one

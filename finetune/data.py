@@ -49,6 +49,9 @@ class ImageSpec:
     max_side: int
     multiple: int
     max_pixels: int
+    #: the family needs a control image per sample (`control_image`, the same bucket as `image`: CogView4 control); a
+    #: data module that cannot give one stops before the model loads
+    control_image: bool = False
 
 
 class Processor:

@@ -34,11 +34,12 @@ from finetune.data import Processor
 
 @dataclass
 class GenerationRequest:
-    """What to generate: a prompt and, for conditioned families (image-to-video), the conditioning media
-    (`image`: a path or a PIL image)."""
+    """What to generate: a prompt and, for conditioned families, the conditioning media: `image` (image-to-video:
+    a path or a PIL image) and `media`, any other named media of the request (e.g. `control_image`)."""
 
     prompt: str
     image: Any = None
+    media: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

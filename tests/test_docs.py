@@ -176,7 +176,8 @@ def test_every_command_is_run_or_composed():
 
 
 def test_python_blocks_are_the_ones_tests_execute():
-    executed = {"load-lora", "load-cogvideox-exports", "merge"}  # test_readme.py, test_cogvideox_i2v.py
+    executed = {"load-lora", "load-cogvideox-exports", "merge", "load-control"}  # test_readme.py, test_cogvideox_i2v.py,
+    # test_cogview4_control.py
     for page, text in PAGES.items():
         for lang, marker, _ in fenced_blocks(text):
             if lang == "python":

@@ -49,6 +49,12 @@ GOLDEN = {
     "cogvideox_lora": [1.789254, 1.451634, 1.750631, 1.923148],
     "cogvideox_sft": [1.555340, 1.779546, 1.789141, 1.552127],
     "cogview3plus_lora": [0.781884, 0.417691, 0.646043, 0.562185],
+    # CogView4 control: from the tiny control checkpoint, and from the tiny CogView4 widened (`tiny-base`); canny demo
+    "cogview4_control_lora": [2.416064, 2.466778, 2.421358, 2.692073],
+    "cogview4_control_lora model.path=tiny-base adapter.modules=[patch_embed.proj]":
+        [2.594518, 2.473163, 2.543633, 2.384528],
+    "cogview4_control_sft": [2.394984, 2.403664, 2.586497, 2.426865],
+    "cogview4_control_sft model.path=tiny-base": [2.742405, 2.485524, 2.588265, 2.509662],
     "cogview4_lora": [2.666716, 2.481849, 2.648652, 2.519934],
     "cogview4_sft": [2.575119, 2.765093, 2.443840, 2.371419],
     # CogVLM: the tiny preset's demo (initializer_range 0.1, batch 32; SFT trains the whole tiny model): issue 13

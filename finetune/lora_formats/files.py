@@ -223,7 +223,9 @@ def detect_layout(file: LoraFile) -> str:
     if all(k.startswith("base_model.model.") for k in keys):
         return "peft"
     if any(".lora_A." in k or ".lora_B." in k for k in keys):
-        if all(k.startswith("transformer.") for k in keys) and not full_tensors(file):
+        # fully trained modules beside the pairs: a PEFT file, unless diffusers' header says it is one of diffusers'
+        # (the kit's export of a LoRA with `adapter.modules`, e.g. CogView4 control's widened patch embedding)
+        if all(k.startswith("transformer.") for k in keys) and (not full_tensors(file) or file.diffusers_metadata):
             return "finetrainers" if file.finetrainers_config and not file.diffusers_metadata else "diffusers"
         return "peft-bare"
     raise LoraFileError(f"{file.path}: no LoRA layout the kit knows (keys such as {keys[0]!r}); expected diffusers "
@@ -269,7 +271,7 @@ def to_adapter(file: LoraFile, names: LoraNames | None = None, alpha: float | No
         return _sat_adapter(file, names, alpha)
     strip = {"diffusers": names.prefix, "finetrainers": names.prefix, "peft": "base_model.model.",
              "peft-bare": "", "native": names.native_prefix, "kohya": "lora_unet_"}[layout]
-    groups = _split(tensors, strip, others_ok=layout in ("peft", "peft-bare"))
+    groups = _split(tensors, strip, others_ok=layout in ("peft", "peft-bare", "diffusers"))
     renamed: dict[str, dict[str, str]] = {}
     for module, parts in groups.items():
         if layout == "native":

@@ -133,7 +133,10 @@ class CogView4(BucketedImageFamily):
 
     @classmethod
     def recognize_lora(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:
-        """CogView4's time embedding by name, else its hidden size (4096: 32 heads x 128)."""
+        """CogView4's time embedding by name, else its hidden size (4096: 32 heads x 128); a fully trained patch
+        embedding of other than 16 x 2 x 2 inputs is another model's (CogView4 control's 128)."""
+        if any(key.endswith("patch_embed.proj.weight") and shape[-1] != 64 for key, shape in shapes.items()):
+            return None
         if any("time_condition_embed" in key for key in shapes):
             return "CogView4-6B"
         return "CogView4-6B" if query_widths(shapes) == {4096} else None
@@ -222,6 +225,11 @@ class CogView4(BucketedImageFamily):
         mask = torch.arange(longest, device=lengths.device)[None, :] < lengths[:, None]
         return embeds, (None if bool(mask.all()) else mask)
 
+    def transformer_input(self, x_t: torch.Tensor, encoded: dict) -> torch.Tensor:
+        """The transformer's `hidden_states` at the noisy latents `x_t`: `x_t` itself (a control family concatenates
+        its control latents on channels, `recipes/cogview/cogview4_control.py`)."""
+        return x_t
+
     def per_sample_loss(self, encoded: dict, noise: torch.Tensor | None = None, sigmas: torch.Tensor | None = None,
                         x0: torch.Tensor | None = None) -> torch.Tensor:
         x0 = self.sample_latents(encoded) if x0 is None else x0
@@ -233,7 +241,8 @@ class CogView4(BucketedImageFamily):
 
         def predict(x_t, timestep):
             return self.transformer(
-                hidden_states=x_t.to(dtype), encoder_hidden_states=embeds.to(dtype), timestep=timestep,
+                hidden_states=self.transformer_input(x_t, encoded).to(dtype), encoder_hidden_states=embeds.to(dtype),
+                timestep=timestep,
                 original_size=sizes, target_size=sizes, crop_coords=torch.zeros_like(sizes), attention_mask=mask,
                 return_dict=False)[0]
 
