@@ -1,4 +1,5 @@
-"""What the kit trims from Lightning's per-step loop (docs/benchmarks.md#the-training-step-against-a-bare-pytorch-loop).
+"""What the kit trims from Lightning's per-step loop
+(docs/benchmarks.md#the-training-step-against-a-bare-pytorch-loop-benchstep_overheadpy).
 
 Lightning dispatches every hook of a step through the trainer's profiler, for every callback, whether the callback
 implements the hook or not: about 150 context managers a step with the kit's callbacks, each a generator-based
