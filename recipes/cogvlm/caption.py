@@ -42,8 +42,9 @@ KNOWN_MODELS = (VIDEO_MODEL, "THUDM/cogvlm2-video-llama3-chat", IMAGE_MODEL)
 def tiny_caption_config(**overrides) -> CogVLMConfig:
     """A tiny CogVLM2-Video with the released per-frame layout: 32 px frames, 2 px patches -> 16 x 16 patches -> the 2x2
     conv -> 64 tokens + boi + eoi = 66 per frame (the published prompt builder hard-codes 66); decoder 64 wide, 2
-    layers, GQA 4/2 heads, chat template."""
-    settings = dict(cogvlm2=True, image_size=32, vision_config={"patch_size": 2}, template_version="chat")
+    layers, GQA 4/2 heads, no vision experts (as published), chat template."""
+    settings = dict(cogvlm2=True, image_size=32, vision_config={"patch_size": 2}, template_version="chat",
+                    architectures=["CogVLMVideoForCausalLM"])  # -> vision_experts=False, as the released decoder
     settings.update(overrides)
     return tiny_cogvlm_config(**settings)
 
