@@ -103,7 +103,7 @@ def _place(data: Path, out: Path, name: str) -> None:
 
 def write_layout(out: Path, files: list[str], captions: dict[str, str]) -> dict[str, Path]:
     """metadata.jsonl (every captioned file) and prompts.txt / videos.txt (the captioned videos), each atomically."""
-    done = [name for name in files if captions.get(name)]
+    done = [name for name in files if captions.get(name, "").strip()]  # an empty caption trains nothing useful
     written = {}
     rows = "".join(json.dumps({"file_name": n, "prompt": captions[n]}, ensure_ascii=False) + "\n" for n in done)
     videos = [n for n in done if kind_of(n) == "video"]
@@ -167,7 +167,13 @@ def caption(data: str, out: str, model: str | None = None, image_model: str | No
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc="captioning", unit="file", disable=not progress)
-        with open(out_dir / RECORDS / f"records-{rank}.jsonl", "a", encoding="utf-8") as log:
+        records_file = out_dir / RECORDS / f"records-{rank}.jsonl"
+        if records_file.is_file() and records_file.stat().st_size:
+            with open(records_file, "rb+") as torn:  # a kill mid-write leaves a line without its newline: end it,
+                torn.seek(-1, os.SEEK_END)           # so the next record starts on a line of its own
+                if torn.read(1) != b"\n":
+                    torn.write(b"\n")
+        with open(records_file, "a", encoding="utf-8") as log:
             for kind in ("video", "image"):
                 names = [n for n in todo if kind_of(n) == kind]
                 for start in range(0, len(names), batch_size):
@@ -187,10 +193,15 @@ def caption(data: str, out: str, model: str | None = None, image_model: str | No
     if overwrite and all(records.get(n, {}).get("time", 0) >= since for n in files):
         (out_dir / RECORDS / "overwrite-since").unlink(missing_ok=True)  # this --overwrite is complete
     written = write_layout(out_dir, files, captions)
+    empty = [name for name in files if name in captions and not captions[name].strip()]
     summary = {"files": len(files), "captioned": captioned, "kept": len([n for n in files if n in kept]),
-               "out": str(out_dir), "written": {k: str(v) for k, v in written.items()}}
+               "empty": empty, "out": str(out_dir), "written": {k: str(v) for k, v in written.items()}}
     print(f"cogft caption: {captioned} captioned, {summary['kept']} kept of {len(files)} files -> {out_dir} "
           f"({', '.join(written)})")
+    if empty:
+        print(f"cogft caption: {len(empty)} files got an empty caption and are left out of the layout (first: "
+              f"{', '.join(empty[:3])}); caption them again with another --prompt and --overwrite, or write theirs "
+              f"into {out_dir / RECORDS}")
     return summary
 
 
