@@ -11,8 +11,8 @@ CogVLM2 chat for images by default). DIR receives
   that is interrupted or killed resumes where it stopped: a file with a record is never captioned again, unless
   `--overwrite`. Captions DATA already has (its `metadata.jsonl`, or `prompts.txt` + `videos.txt`) are kept too.
 
-Several processes (`torchrun --nproc-per-node N -m finetune.cogft caption ...`) each take every N-th file still
-to caption (RANK, WORLD_SIZE, LOCAL_RANK from the environment) on their own GPU; each writes its own records file,
+Several processes (`torchrun --nproc-per-node N -m finetune.cogft caption ...`) each take every N-th file of the
+sorted list and caption those without a caption (RANK, WORLD_SIZE, LOCAL_RANK from the environment) on their own GPU; each writes its own records file,
 and each rewrites the layout from all records when it finishes (the last one to finish writes them all).
 """
 
@@ -147,7 +147,9 @@ def caption(data: str, out: str, model: str | None = None, image_model: str | No
         kept = {name: r["prompt"] for name, r in records.items() if r.get("time", 0) >= since}
     else:
         kept = {**existing_captions(data_dir), **{name: r["prompt"] for name, r in records.items()}}
-    todo = [name for name in files if name not in kept][rank::world]
+    # The shard is every WORLD_SIZE-th file of the whole list, not of what is left: a process that starts after
+    # another one wrote records still gets exactly its own files.
+    todo = [name for name in files[rank::world] if name not in kept]
     for name in files:
         _place(data_dir, out_dir, name)
 

@@ -141,3 +141,20 @@ def test_existing_captions_are_kept_and_bad_input_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no videos"):
         cogft(["caption", str(tmp_path / "empty"), "--out", str(tmp_path / "y")])
+
+
+def test_processes_share_the_files(raw, tmp_path, monkeypatch):
+    """torchrun's RANK / WORLD_SIZE: each process captions its every N-th file of the list, into its own records file,
+    the one that ends last writes the whole layout."""
+    out = tmp_path / "captioned"
+    done = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        done[rank] = cogft(["caption", str(raw), "--out", str(out), "--preset", "tiny", "--no-progress"])
+    assert (done[0]["captioned"], done[1]["captioned"]) == (3, 2)
+    shards = {rank: [json.loads(line)["file_name"] for line in
+                     (out / ".captions" / f"records-{rank}.jsonl").read_text().splitlines()] for rank in (0, 1)}
+    everything = sorted(shards[0] + shards[1])
+    assert not set(shards[0]) & set(shards[1]) and len(everything) == 5
+    assert sorted(_rows(out)) == sorted(n for n in everything if n not in done[1]["empty"])
