@@ -119,6 +119,9 @@ def _quantization_config(quantize: str | None, dtype: torch.dtype):
         return None
     if quantize not in ("nf4", "int8"):
         raise ValueError(f"quantize={quantize!r}: use nf4 or int8 (bitsandbytes, CUDA), or leave it unset.")
+    if not torch.cuda.is_available():
+        raise ValueError(f"quantize={quantize} needs a CUDA GPU (bitsandbytes' 4/8-bit layers): leave it unset on "
+                         f"this machine.")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:

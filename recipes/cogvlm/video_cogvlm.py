@@ -140,6 +140,9 @@ class CogVLMVideoForCausalLM(CogVLMForCausalLM):
     module docstring. Everything else (generate, KV cache, greedy_generate, LoRA) is `CogVLMForCausalLM`'s."""
 
     config_class = CogVLMConfig
+    # the released checkpoint has 32 tensors beyond the model's 997 (one per layer: presumably the published rotary
+    # buffer, which the kit recomputes and never saves)
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     def forward(self, input_ids, images=None, *args, **kwargs):
         return super().forward(input_ids, flatten_frames(images), *args, **kwargs)

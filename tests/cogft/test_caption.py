@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from datamodules.demo_images import write_demo_images
 from datamodules.demo_videos import write_demo_videos
@@ -138,6 +139,9 @@ def test_existing_captions_are_kept_and_bad_input_is_one_line(tmp_path):
     assert _rows(data)[(data / "videos.txt").read_text().split()[0]].startswith("a ")
     with pytest.raises(SystemExit, match="no model family captions with 'someone/else'"):
         cogft(["caption", str(data), "--out", str(tmp_path / "x"), "--model", "someone/else", "--overwrite"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="quantize=nf4 needs a CUDA GPU"):
+            cogft(["caption", str(data), "--out", str(data), "--preset", "tiny", "--quantize", "nf4", "--overwrite"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no videos"):
         cogft(["caption", str(tmp_path / "empty"), "--out", str(tmp_path / "y")])

@@ -107,6 +107,26 @@ def test_a_batch_of_videos_equals_each_alone():
                                together[row])
 
 
+def test_released_checkpoint_names_and_shapes():
+    """The tensors THUDM/cogvlm2-llama3-caption's safetensors list (names and shapes as its index shows them)."""
+    from recipes.cogvlm.configuration_cogvlm import CogVLMConfig
+
+    config = CogVLMConfig(architectures=["CogVLMVideoForCausalLM"], vocab_size=128256, intermediate_size=14336,
+                          num_multi_query_heads=8, max_position_embeddings=8192, vision_config={
+                              "image_size": 224, "num_positions": 257})
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in CogVLMVideoForCausalLM(config).state_dict().items()}
+    assert shapes["model.embed_tokens.weight"] == shapes["lm_head.weight"] == (128256, 4096)
+    assert shapes["model.layers.0.mlp.language_mlp.down_proj.weight"] == (4096, 14336)
+    assert shapes["model.layers.0.self_attn.language_expert_query_key_value.weight"] == (6144, 4096)
+    assert shapes["model.vision.conv.weight"] == (1792, 1792, 2, 2) and shapes["model.vision.boi"] == (1, 1, 4096)
+    assert shapes["model.vision.linear_proj.dense_h_to_4h.weight"] == (14336, 4096)
+    assert not [k for k in shapes if "vision_expert" in k or "vision_mlp" in k]
+    # decoder 32 x 7 + embed, norm, lm_head; EVA2-CLIP 63 x 12 + patch embedding 4 + conv 2 + GLU 6 + boi/eoi 2
+    assert len(shapes) == 32 * 7 + 3 + 63 * 12 + 4 + 2 + 6 + 2 == 997
+    assert config.num_image_tokens == 66
+
+
 def test_saved_tiny_model_is_the_published_layout(tmp_path):
     save_tiny_caption_model(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
