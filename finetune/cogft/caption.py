@@ -12,8 +12,9 @@ CogVLM2 chat for images by default). DIR receives
   `--overwrite`. Captions DATA already has (its `metadata.jsonl`, or `prompts.txt` + `videos.txt`) are kept too.
 
 Several processes (`torchrun --nproc-per-node N -m finetune.cogft caption ...`) each take every N-th file of the
-sorted list and caption those without a caption (RANK, WORLD_SIZE, LOCAL_RANK from the environment) on their own GPU; each writes its own records file,
-and each rewrites the layout from all records when it finishes (the last one to finish writes them all).
+sorted list and caption those without a caption (RANK, WORLD_SIZE, LOCAL_RANK from the environment) on their own
+GPU; each writes its own records file, and each rewrites the layout from all records when it finishes (the last one
+to finish writes them all).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ csbhr/Vivid-VR `VRDiT/cogvlm2-llama3-caption/modeling_cogvlm.py` (docs/cogvlm.md
 a plain module (no trust_remote_code) beside three stand-ins for what that copy lacks or cannot run here: its
 `configuration_cogvlm` (the kit's CogVLMConfig, the same config.json keys), `visual.EVA2CLIPModel` (the kit's vision
 tower, checked against the restated CogVLM2 `visual.py` in test_cogvlm_model.py) and `util.FastRotaryEmbedding` (a
-triton kernel: restated below in plain torch), plus torchvision's video transforms and einops' one `rearrange` when they are absent.
+triton kernel: restated below in plain torch), plus torchvision's video transforms and einops' one `rearrange`
+when they are absent.
 """
 
 import importlib.util
@@ -257,7 +258,8 @@ class _Llama3Ids:
     (a fast tokenizer refuses an id outside its vocabulary)."""
 
     def __init__(self, tokenizer):
-        self.encode, self.bos_token_id, self.eos_token_id = tokenizer.encode, tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.encode = tokenizer.encode
+        self.bos_token_id, self.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
 
 
