@@ -154,7 +154,7 @@ def caption(data: str, out: str, model: str | None = None, image_model: str | No
     for name in files:
         _place(data_dir, out_dir, name)
 
-    captioned = 0
+    captioned, failed = 0, {}
     if todo:
         device = None
         if world > 1:
@@ -179,16 +179,16 @@ def caption(data: str, out: str, model: str | None = None, image_model: str | No
         with open(records_file, "a", encoding="utf-8") as log:
             for kind in ("video", "image"):
                 names = [n for n in todo if kind_of(n) == kind]
+                run = captioner.caption_videos if kind == "video" else captioner.caption_images
                 for start in range(0, len(names), batch_size):
                     batch = names[start:start + batch_size]
-                    paths = [str(data_dir / n) for n in batch]
-                    texts = captioner.caption_videos(paths) if kind == "video" else captioner.caption_images(paths)
-                    for name, text in zip(batch, texts):
+                    done = _caption_batch(run, data_dir, batch, failed)
+                    for name, text in done:
                         log.write(json.dumps({"file_name": name, "prompt": text, "model": captioner.describe(kind),
                                               "time": time.time()}, ensure_ascii=False) + "\n")
                     log.flush()
                     os.fsync(log.fileno())
-                    captioned += len(batch)
+                    captioned += len(done)
                     bar.update(len(batch))
         bar.close()
     records = read_records(out_dir)
@@ -198,14 +198,52 @@ def caption(data: str, out: str, model: str | None = None, image_model: str | No
     written = write_layout(out_dir, files, captions)
     empty = [name for name in files if name in captions and not captions[name].strip()]
     summary = {"files": len(files), "captioned": captioned, "kept": len([n for n in files if n in kept]),
-               "empty": empty, "out": str(out_dir), "written": {k: str(v) for k, v in written.items()}}
+               "empty": empty, "failed": failed, "out": str(out_dir),
+               "written": {k: str(v) for k, v in written.items()}}
     print(f"cogft caption: {captioned} captioned, {summary['kept']} kept of {len(files)} files -> {out_dir} "
           f"({', '.join(written)})")
+    for name, why in list(failed.items())[:5]:
+        print(f"cogft caption: skipped {data_dir / name}: {why}")
+    if failed:
+        print(f"cogft caption: {len(failed)} files could not be captioned (reasons above); fix or remove them and run "
+              f"the same command again (it captions only what is missing)")
     if empty:
         print(f"cogft caption: {len(empty)} files got an empty caption and are left out of the layout (first: "
               f"{', '.join(empty[:3])}); caption them again with another --prompt and --overwrite, or write theirs "
               f"into {out_dir / RECORDS}")
     return summary
+
+
+def _caption_batch(run, data_dir: Path, batch: list[str], failed: dict[str, str]) -> list[tuple[str, str]]:
+    """(name, caption) for the files of `batch` that can be read; a file that cannot (not a video/image its decoder
+    opens, truncated, unreadable) goes into `failed` with the reason, and the others are captioned without it."""
+    try:
+        return list(zip(batch, run([str(data_dir / n) for n in batch])))
+    except _READ_ERRORS as err:
+        if len(batch) == 1:
+            failed[batch[0]] = f"{type(err).__name__}: {err}"
+            return []
+    return [pair for name in batch for pair in _caption_batch(run, data_dir, [name], failed)]
+
+
+def _read_errors() -> tuple[type, ...]:
+    errors: list[type] = [ValueError, OSError, EOFError]
+    try:
+        import av
+
+        errors.append(av.error.FFmpegError)
+    except ImportError:
+        pass
+    try:
+        from PIL import UnidentifiedImageError
+
+        errors.append(UnidentifiedImageError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+_READ_ERRORS = _read_errors()
 
 
 def _overwrite_mark(out: Path) -> float:

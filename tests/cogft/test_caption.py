@@ -142,6 +142,15 @@ def test_existing_captions_are_kept_and_bad_input_is_one_line(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="quantize=nf4 needs a CUDA GPU"):
             cogft(["caption", str(data), "--out", str(data), "--preset", "tiny", "--quantize", "nf4", "--overwrite"])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(data / (data / "videos.txt").read_text().split()[0], bad / "fine.mp4")
+    (bad / "broken.mp4").write_bytes(b"not a video")
+    (bad / "broken.png").write_bytes(b"not an image")
+    mixed = cogft(["caption", str(bad), "--out", str(tmp_path / "out"), "--preset", "tiny", "--no-progress",
+                   "--batch-size", "2"])
+    assert sorted(mixed["failed"]) == ["broken.mp4", "broken.png"] and mixed["captioned"] == 1
+    assert [r["file_name"] for r in _records(tmp_path / "out")] == ["fine.mp4"]  # the broken ones: tried next time
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no videos"):
         cogft(["caption", str(tmp_path / "empty"), "--out", str(tmp_path / "y")])
