@@ -171,3 +171,16 @@ def test_processes_share_the_files(raw, tmp_path, monkeypatch):
     everything = sorted(shards[0] + shards[1])
     assert not set(shards[0]) & set(shards[1]) and len(everything) == 5
     assert sorted(_rows(out)) == sorted(n for n in everything if n not in done[1]["empty"])
+
+
+def test_captioned_photos_train_the_image_recipe(raw, tmp_path):
+    from finetune.run import train
+
+    out = tmp_path / "photos"
+    cogft(["caption", str(raw / "photos"), "--out", str(out), "--preset", "tiny", "--no-progress"])
+    assert not (out / "videos.txt").exists() and len(_rows(out)) == 2 - len(
+        [r for r in _records(out) if not r["prompt"].strip()])
+    run_dir = tmp_path / "run"
+    train(compose(["recipe=cogview4_lora", "preset=tiny", f"data.root={out}", f"run_dir={run_dir}",
+                   "trainer.max_steps=1", "callbacks.samples.every_n_steps=0", "logger=csv"]))
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
