@@ -36,3 +36,13 @@ def recognize(file) -> tuple[str | None, str]:
         return next(iter(claims.values())), next(iter(claims))
     return None, ("claimed by " + " and ".join(sorted(claims)) if claims else
                   "its names and shapes fit no known model (a tiny or unusual model?)") + "; pass --family"
+
+
+def captioner(model: str, **options):
+    """The captioner of the one family that claims `model` (`ModelFamily.captioner`), for `cogft caption`."""
+    for name in model_names():
+        found = family_class(name).captioner(model, **options)
+        if found is not None:
+            return found
+    raise ValueError(f"no model family captions with {model!r}: use THUDM/cogvlm2-llama3-caption (videos), "
+                     f"THUDM/cogvlm2-llama3-chat-19B (images), a local copy of them, or --preset tiny.")

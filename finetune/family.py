@@ -204,6 +204,15 @@ class ModelFamily(nn.Module, ABC):
         when they could be another family's too (the command says "unknown" rather than guess)."""
         return None
 
+    @classmethod
+    def captioner(cls, model: str, **options):
+        """A captioner for `model` (a hub id, a local folder or `tiny`) when this family makes captions with it, else
+        None (the default). `cogft caption` asks every family (`finetune.families.captioner`). The object has
+        `caption_videos(paths)` and `caption_images(paths)` (lists of captions, in order; `NotImplementedError` for a
+        kind it cannot caption) and `describe(kind)`, the model it uses for "video" or "image". options: video_model,
+        image_model, dtype, quantize, device, prompt, max_new_tokens, batch_size."""
+        return None
+
     def save_merged(self, directory: str | os.PathLike) -> Path:
         """Save the whole model (LoRAs merged) so that its library's `from_pretrained(directory)` loads it and the
         recipe takes it as `model.path`; returns the folder."""

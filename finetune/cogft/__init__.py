@@ -7,6 +7,7 @@
     cogft generate --recipe R --prompt TEXT [--image IMG] [--lora DIR[:SCALE]] --out DIR
     cogft runs [ROOT]                             the runs under outputs/: finished, failed or interrupted, resume command
     cogft push EXPORT_DIR --repo USER/NAME [--dry-run DIR]
+    cogft caption DATA --out DIR [--preset tiny]  captions for raw videos/images, in the layout train.py reads
     cogft train recipe=R [preset=tiny] [KEY=VALUE ...]   `python train.py` from the installed package, anywhere
 
 `python train.py recipe=...` trains; this command works on what it wrote. Each subcommand has `--help`.
@@ -112,6 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("runs", help="the runs under a folder: how each ended, its steps, exports and resume command")
     p.add_argument("root", nargs="?", default="outputs", help="where the runs are (default: outputs)")
 
+    p = sub.add_parser("caption", help="caption videos (CogVLM2-Caption) and images (CogVLM2) into a training layout",
+                       description="Writes DIR/metadata.jsonl (file_name, prompt) and prompts.txt/videos.txt; "
+                                   "resumes an interrupted run without recaptioning (docs/data.md#captioning).")
+    p.add_argument("data", help="a folder of videos and/or images (plain, or any layout the data modules read)")
+    p.add_argument("--out", required=True, help="where the layout goes (DATA itself to caption in place)")
+    p.add_argument("--model", default=None, help="the video captioner: a hub id, a local folder or `tiny` "
+                                                 "(default THUDM/cogvlm2-llama3-caption)")
+    p.add_argument("--image-model", default=None, help="the image captioner (default THUDM/cogvlm2-llama3-chat-19B)")
+    p.add_argument("--preset", default=None, help="tiny: tiny random captioners, offline (gibberish captions)")
+    p.add_argument("--prompt", default=None, help="the question asked about every file (default: the published "
+                                                  "'Please describe this video in detail.' / '... image ...')")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="caption length cap (default 2048, tiny 8)")
+    p.add_argument("--batch-size", type=int, default=1, help="files per generate call")
+    p.add_argument("--dtype", default=None, help="bf16 (default), fp16 or fp32")
+    p.add_argument("--quantize", default=None, choices=["nf4", "int8"],
+                   help="load the captioner quantized (bitsandbytes, CUDA): the 24 GB case")
+    p.add_argument("--overwrite", action="store_true", help="caption again files that already have a caption")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     p = sub.add_parser("push", help="upload an adapter with a model card to the Hugging Face Hub")
     p.add_argument("adapter", help="the export folder (run_dir/export)")
     p.add_argument("--repo", required=True, help="USER/NAME on the Hub")
@@ -178,6 +198,11 @@ def _dispatch(args):
         table = runs_table(Path(args.root))
         print(table)
         return table
+    if args.command == "caption":
+        from .caption import caption
+
+        return caption(args.data, args.out, args.model, args.image_model, args.prompt, args.max_new_tokens,
+                       args.batch_size, args.dtype, args.quantize, args.overwrite, args.preset, not args.no_progress)
     from .push import push
 
     return push(args.adapter, args.repo, args.dry_run, args.private, args.token)

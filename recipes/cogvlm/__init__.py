@@ -18,6 +18,7 @@ from .prompting import (
     preprocess_image,
 )
 from .tokens import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE, build_position_ids
+from .video_cogvlm import CogVLMVideoForCausalLM
 from .tiny import (
     build_tiny_cogvlm,
     build_tiny_tokenizer,
@@ -37,6 +38,7 @@ __all__ = [
     "CogVLMKVCache",
     "CogVLMModel",
     "CogVLMPreTrainedModel",
+    "CogVLMVideoForCausalLM",
     "build_conversation_input_ids",
     "build_position_ids",
     "build_tiny_cogvlm",

@@ -47,6 +47,10 @@ class CogVLMConfig(PretrainedConfig):
         vision_expert_qkv_bias: bias on `vision_expert_query_key_value` (CogVLM2 only); None = family default.
         vision_downsample: the 2x2 stride-2 `vision.conv` on the patch grid before the adapter (CogVLM2: 4x fewer
             image tokens); None = family default.
+        vision_experts: the decoder's second ("vision expert") copy of QKV/dense/MLP. False for CogVLM2-Video and
+            CogVLM2-Caption, whose published decoder has the `language_expert_*` / `language_mlp` weights only and
+            runs every token, image tokens included, through them (docs/cogvlm.md#cogvlm2-caption); None = False when
+            `architectures` names CogVLMVideoForCausalLM (their config.json), else True.
         template_version: default prompt template, "base", "chat" or "vqa" (see `prompting.py`).
         vision_config: EVA2-CLIP settings; missing keys take `DEFAULT_VISION_CONFIG`.
     """
@@ -74,6 +78,7 @@ class CogVLMConfig(PretrainedConfig):
     rope_theta: float | int | None = None
     vision_expert_qkv_bias: bool | None = None
     vision_downsample: bool | None = None
+    vision_experts: bool | None = None
     vision_config: dict | None = None
 
     def __post_init__(self, **kwargs):
@@ -87,6 +92,9 @@ class CogVLMConfig(PretrainedConfig):
             self.vision_expert_qkv_bias = is_cogvlm2
         if self.vision_downsample is None:
             self.vision_downsample = is_cogvlm2
+        if self.vision_experts is None:
+            self.vision_experts = "CogVLMVideoForCausalLM" not in (kwargs.get("architectures")
+                                                                  or getattr(self, "architectures", None) or [])
         self.vision_config = {**DEFAULT_VISION_CONFIG, **(self.vision_config or {})}
         super().__post_init__(**kwargs)
 

@@ -308,6 +308,17 @@ class CogVLM(ModelFamily):
         return record
 
     @classmethod
+    def captioner(cls, model: str, **options):
+        """CogVLM2-Caption for videos and CogVLM2 chat for images (`recipes/cogvlm/caption.py`); `model` names the video
+        model (`tiny`: both tiny). None for a model this family does not know."""
+        from .caption import IMAGE_MODEL, CogVLMCaptioner, claims
+
+        image_model = options.pop("image_model", None) or ("tiny" if model == "tiny" else IMAGE_MODEL)
+        if not (claims(model) and claims(image_model)):
+            return None
+        return CogVLMCaptioner(video_model=model, image_model=image_model, **options)
+
+    @classmethod
     def recognize_lora(cls, shapes: dict[str, tuple[int, ...]]) -> str | None:
         """The visual expert's own projections, which no other model has."""
         if any("language_expert" in key or "vision_expert" in key for key in shapes):

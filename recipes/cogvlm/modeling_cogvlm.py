@@ -124,10 +124,11 @@ class CogVLMExpertMLP(nn.Module):
     def __init__(self, config: CogVLMConfig):
         super().__init__()
         self.language_mlp = CogVLMMLP(config)
-        self.vision_mlp = CogVLMMLP(config)
+        if config.vision_experts:  # CogVLM2-Video has none (CogVLMConfig.vision_experts)
+            self.vision_mlp = CogVLMMLP(config)
 
     def forward(self, x: torch.Tensor, vision_mask: torch.Tensor) -> torch.Tensor:
-        return _route(x, vision_mask, self.vision_mlp, self.language_mlp)
+        return _route(x, vision_mask, getattr(self, "vision_mlp", None), self.language_mlp)
 
 
 class CogVLMExpertAttention(nn.Module):
@@ -142,14 +143,16 @@ class CogVLMExpertAttention(nn.Module):
         # Fused [q | k | v] rows: hidden + 2 * kv_heads * head_dim (12288 for CogVLM1, 6144 for CogVLM2's GQA).
         qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         hidden = config.hidden_size
-        self.vision_expert_query_key_value = nn.Linear(hidden, qkv_size, bias=config.vision_expert_qkv_bias)
-        self.vision_expert_dense = nn.Linear(hidden, hidden, bias=False)
+        if config.vision_experts:  # CogVLM2-Video has none (CogVLMConfig.vision_experts)
+            self.vision_expert_query_key_value = nn.Linear(hidden, qkv_size, bias=config.vision_expert_qkv_bias)
+            self.vision_expert_dense = nn.Linear(hidden, hidden, bias=False)
         self.language_expert_query_key_value = nn.Linear(hidden, qkv_size, bias=False)
         self.language_expert_dense = nn.Linear(hidden, hidden, bias=False)
 
     def forward(self, x, vision_mask, cos, sin, attention_mask, past_key_values=None):
         batch, length, _ = x.shape
-        qkv = _route(x, vision_mask, self.vision_expert_query_key_value, self.language_expert_query_key_value)
+        qkv = _route(x, vision_mask, getattr(self, "vision_expert_query_key_value", None),
+                     self.language_expert_query_key_value)
         kv_width = self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
@@ -163,7 +166,7 @@ class CogVLMExpertAttention(nn.Module):
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-        return _route(out, vision_mask, self.vision_expert_dense, self.language_expert_dense)
+        return _route(out, vision_mask, getattr(self, "vision_expert_dense", None), self.language_expert_dense)
 
 
 class CogVLMDecoderLayer(GradientCheckpointingLayer):
@@ -322,8 +325,9 @@ class CogVLMModel(CogVLMPreTrainedModel):
                 position_ids = build_position_ids(token_type_ids, attention_mask)
 
         hidden_states = self.embed(input_ids, token_type_ids, images)
-        vision_mask = vision_expert_mask(token_type_ids)
-        vision_mask = vision_mask if bool(vision_mask.any()) else None  # one host sync here, not one per expert call
+        vision_mask = vision_expert_mask(token_type_ids) if self.config.vision_experts else None
+        if vision_mask is not None and not bool(vision_mask.any()):  # one host sync here, not one per expert call
+            vision_mask = None
         cos, sin = self.rotary_emb(position_ids, hidden_states.dtype)
         mask = _causal_padding_mask(attention_mask, length)
         for layer in self.layers:
