@@ -311,3 +311,50 @@ def test_equals_the_published_modeling_code(monkeypatch):
         native_tokens = native.generate(**inputs, images=[[video]], max_new_tokens=5, do_sample=False,
                                         eos_token_id=-1)[:, inputs["input_ids"].shape[1]:]
     assert torch.equal(native_tokens, tokens)
+
+
+# What the published code produced on the inputs of test_equals_the_published_modeling_code (recorded 2026-12-07).
+RECORDED_TOKENS = [4026, 49137, 3034, 16828, 71977]  # its 5 greedy tokens (_published_greedy)
+RECORDED_POSITIONS = [0, 1, 33, 66, 67, 150, 204, 230, 260]  # of 261: bos; frame 0 (1..66) boi, a patch, eoi;
+# its time index; a frame-2 patch (frames 1 and 2 are 69..134, 137..202); text after the last frame; the last token
+RECORDED_SUM = [-804.04443, -1397.3296, 430.05872, -575.51996, -2213.1711, -469.30566, -143.58267, 1102.3864,
+                353.01425]  # logits[p].sum() over the 128256-token vocabulary
+RECORDED_MAX = [9.675457, 10.023794, 12.296507, 9.848359, 9.71207, 10.185204, 10.663193, 10.424544, 10.248676]
+RECORDED_ARGMAX = [67216, 37644, 78202, 49886, 124501, 24282, 127693, 88892, 4026]
+RECORDED_LOGITS = [  # logits[p, v] for v = 0, 1, 128001
+    [-1.140654, 2.468174, 0.5854147], [-0.6699423, -1.598425, 2.64007], [0.5459319, 0.7971126, -1.352744],
+    [-3.065399, -2.336388, -0.6823636], [-3.638282, -1.674911, 0.9304703], [-1.222508, -1.96333, 0.6711854],
+    [-2.833102, -1.141881, 0.3389778], [3.37156, 0.7733082, -3.031143], [0.1623546, 0.3129138, -1.124601]]
+RECORDED_TOTAL_SUM, RECORDED_SUM_OF_MAX = -132511.641, 2776.24951  # over all 261 positions
+
+
+def test_equals_the_published_modeling_codes_recorded_output():
+    """The native model reproduces what the published code produced, without the published file (so CI checks it).
+
+    The figures above are the output of THUDM/cogvlm2-llama3-caption's published `modeling_cogvlm.py`, run once on
+    2026-12-07 through `test_equals_the_published_modeling_code`'s harness (`_load_published`, its stand-ins and
+    `_published_greedy`) on that test's tiny fp32 config (seed 3, SHARP_INIT, vocab 128256), 3 frames of
+    `_frames(3, 40)` and CAPTION_PROMPT. The file run was a local copy of the copy named in the module docstring
+    (csbhr/Vivid-VR `VRDiT/cogvlm2-llama3-caption/modeling_cogvlm.py`; 42376 bytes, sha256 5c56c7f5803686c4ce71eea
+    aadec14ad8cea869d89c44cfb8cd8300d81de99a6); the native model then matched it exactly (max |logit difference| 0),
+    and two runs gave the same figures bit for bit. Checked while recording: a rope base of 10000 or 1e6 instead of
+    500000, the patches routed to a vision expert (1% off the language expert), or positions counted per token
+    each fail the logit figures here (the first two also the tokens).
+    """
+    tokenizer, native = build_tiny_tokenizer(), _model(vocab_size=128256)
+    sample, video = _video_sample(tokenizer, native, _frames(count=3, size=40), pad=PUBLISHED_PAD)
+    inputs = {k: sample[k][None] for k in ("input_ids", "token_type_ids", "attention_mask")}
+    with torch.no_grad():
+        logits = native(**inputs, images=[[video]]).logits[0]
+        tokens = native.generate(**inputs, images=[[video]], max_new_tokens=5, do_sample=False,
+                                 eos_token_id=-1)[0, inputs["input_ids"].shape[1]:]
+    assert logits.shape == (261, 128256)
+    at = logits[RECORDED_POSITIONS]
+    close = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(at[:, [0, 1, 128001]], torch.tensor(RECORDED_LOGITS), **close)
+    torch.testing.assert_close(at.max(-1).values, torch.tensor(RECORDED_MAX), **close)
+    torch.testing.assert_close(at.sum(-1), torch.tensor(RECORDED_SUM), **close)
+    assert at.argmax(-1).tolist() == RECORDED_ARGMAX
+    torch.testing.assert_close(logits.sum(), torch.tensor(RECORDED_TOTAL_SUM), **close)
+    torch.testing.assert_close(logits.max(-1).values.sum(), torch.tensor(RECORDED_SUM_OF_MAX), **close)
+    assert tokens.tolist() == RECORDED_TOKENS
