@@ -22,8 +22,6 @@ from lightning.pytorch.profilers import PassThroughProfiler
 class _Inert:
     """A context manager that does nothing; one instance serves every hook (it keeps no state)."""
 
-    __slots__ = ()
-
     def __enter__(self):
         return None
 
