@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch

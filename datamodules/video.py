@@ -156,7 +156,7 @@ class VideoDataModule(FamilyDataModule):
                  on_bad_sample: Literal["fail", "skip"] = "fail", check_workers: int = 8, demo_count: int = 8,
                  recheck_files: bool = False, image_root: str | None = None, image_ratio: float | None = None,
                  trigger: str | None = None, roots: list | None = None, caption_dropout: float = 0.0,
-                 on_long_caption: str = "warn"):
+                 on_long_caption: Literal["warn", "fail", "truncate"] = "warn"):
         super().__init__()
         self.on_long_caption = on_long_caption  # finetune/data_report.py
         self.trigger, self.roots, self.caption_dropout = trigger, roots, caption_dropout  # caption_options.py

@@ -132,6 +132,7 @@ class CogView4(BucketedImageFamily):
     """
 
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    prompt_keys = ("prompt_embeds", "prompt_length")  # what `encode` makes of the prompt (caption dropout)
     block_class_names = ("CogView4TransformerBlock",)  # what fsdp2 shards and block swap streams
     transformer_class = "CogView4Transformer2DModel"
     base_family = "CogView4"
