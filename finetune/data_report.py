@@ -17,6 +17,7 @@ and own size, and a `thumbnail()` of it; `datamodules/images.py`, `datamodules/v
 
 from __future__ import annotations
 
+import json
 import statistics
 import textwrap
 from collections import Counter
@@ -148,7 +149,8 @@ def contact_sheet(rows: list[dict], path: str | Path, tile: int = 160, columns: 
                   limit: int | None = None) -> Path:
     """A PNG of one thumbnail per sample (`row["thumbnail"]()`: a clip's first frame, or the image, fitted into
     `tile` x `tile`), grouped by bucket (a heading per bucket), the caption under each (wrapped, cut at 3 lines).
-    `limit`: at most that many tiles (the first of each bucket in turn). Returns the path."""
+    `limit`: at most that many tiles (the first of each bucket in turn). The PNG's `cogft:tiles` text says which
+    sample each tile shows. Returns the path."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
@@ -164,13 +166,14 @@ def contact_sheet(rows: list[dict], path: str | Path, tile: int = 160, columns: 
     height = sum(heading_h + -(-len(g) // columns) * cell_h for g in groups.values()) + pad
     sheet = Image.new("RGB", (columns * cell_w + pad, max(height, heading_h)), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
-    y = pad
+    y, boxes = pad, []
     for bucket, group in sorted(groups.items()):
         draw.text((pad, y + 3), f"bucket {'x'.join(map(str, bucket))} (frames x height x width): {len(group)}",
                   fill=(255, 220, 120), font=font)
         y += heading_h
         for i, row in enumerate(group):
             x0, y0 = pad + (i % columns) * cell_w, y + (i // columns) * cell_h
+            boxes.append({"file": row["file"], "bucket": list(bucket), "box": [x0, y0, x0 + tile, y0 + tile]})
             try:
                 picture = Image.fromarray(np.asarray(row["thumbnail"](), dtype=np.uint8))
                 picture.thumbnail((tile, tile))
@@ -183,7 +186,11 @@ def contact_sheet(rows: list[dict], path: str | Path, tile: int = 160, columns: 
         y += -(-len(group) // columns) * cell_h
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()  # which sample each tile shows (`cogft:tiles`: file, bucket, box), for scripts and tests
+    info.add_text("cogft:tiles", json.dumps(boxes, ensure_ascii=False))
+    sheet.save(path, pnginfo=info)
     return path
 
 
