@@ -37,8 +37,11 @@ def with_trigger(caption: str, trigger: str | None) -> str:
 def parse_roots(roots, root: str | None) -> list[DataRoot] | None:
     """`data.roots` as DataRoots (None: not set, `data.root` is read); a bad entry is a DataError naming it."""
     if not roots:
+        if root in (None, ""):
+            raise DataError("data.root is null and data.roots is not set: point data.root at the data (or demo), or "
+                            "list several folders in data.roots ([{root: A, repeats: 2}, {root: B}]).")
         return None
-    if root not in (None, "", "???", "demo") and root is not None:
+    if root not in (None, "", "demo"):
         raise DataError(f"data.root={root!r} and data.roots are both set: list every folder in data.roots "
                         f"([{{root: A, repeats: 2}}, {{root: B}}]) and set data.root=null.")
     parsed = []

@@ -223,7 +223,7 @@ class ImageDataModule(FamilyDataModule):
     setting_ranges = {"batch_size": ">=1", "num_workers": ">=0", "demo_count": ">=1", "canny_low": ">=0",
                       "canny_high": ">=0"}
 
-    def __init__(self, root: str, split: str = "train", image_column: str = "image",
+    def __init__(self, root: str | None, split: str = "train", image_column: str = "image",
                  caption_column: str | None = None, dataset_config: str | None = None, batch_size: int = 1,
                  num_workers: int = 0, seed: int = 0, drop_last: bool = False, demo_count: int = 12,
                  on_bad_sample: OnBadSample = "fail", recheck_files: bool = False, control: str | None = None,

@@ -149,7 +149,7 @@ class VideoDataModule(FamilyDataModule):
     setting_ranges = {"batch_size": ">=1", "num_workers": ">=0", "check_workers": ">=1",
                       "demo_count": ">=1"}  # checked by finetune.settings.check
 
-    def __init__(self, root: str, prompt_file: str = "prompts.txt", video_file: str = "videos.txt",
+    def __init__(self, root: str | None, prompt_file: str = "prompts.txt", video_file: str = "videos.txt",
                  image_file: str = "images.txt", split: str = "train", dataset_config: str | None = None,
                  video_column: str = "video", caption_column: str | None = None, image_column: str | None = None,
                  batch_size: int = 1, num_workers: int = 0, seed: int = 0, drop_last: bool = False,

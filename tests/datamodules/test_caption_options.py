@@ -68,6 +68,8 @@ def test_roots_with_repeats_list_each_sample_that_often_and_encode_it_once(tmp_p
         images(root=None, roots=[{"root": str(a)}, {"root": str(b), "repeats": 0}]).check()
     with pytest.raises(DataError, match="data.root=.* and data.roots are both set"):
         images(root=str(a), roots=[{"root": str(b)}]).check()
+    with pytest.raises(DataError, match="data.root is null and data.roots is not set"):
+        images(root=None).check()
 
 
 def test_caption_dropout_draws_per_step_and_replaces_the_prompt_encodings():
@@ -115,3 +117,17 @@ def _metadata(path: Path) -> str:
 
     with safe_open(str(path), "pt") as f:
         return json.dumps(f.metadata())
+
+
+def test_roots_from_the_command_line(tmp_path):
+    from conftest import compose
+
+    from finetune.run import build_data
+    from finetune.settings.check import check_config
+
+    a, b = folder(tmp_path / "a", ["one", "two"]), folder(tmp_path / "b", ["three"])
+    cfg = compose(["recipe=cogview4_lora", "preset=tiny", "data.root=null", "data.trigger=sks",
+                   f"data.roots=[{{root:{a},repeats:2}},{{root:{b}}}]"])
+    check_config(cfg)
+    data = build_data(cfg)
+    assert data.report.samples == 5 and [r["caption"] for r in data.report_rows()][-1] == "sks, three"
