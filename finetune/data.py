@@ -54,9 +54,25 @@ class ImageSpec:
     control_image: bool = False
 
 
+def load_tokenizer(directory: str):
+    """The tokenizer in `directory` as its pipeline loads it: the transformers class the checkpoint's
+    `model_index.json` names for that folder (e.g. `T5Tokenizer`, `PreTrainedTokenizerFast`), else `AutoTokenizer`;
+    never remote code."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    folder = Path(directory)
+    index = folder.parent / "model_index.json"
+    named = json.loads(index.read_text()).get(folder.name) if index.is_file() else None
+    cls = getattr(transformers, named[1], None) if isinstance(named, list) and len(named) == 2 else None
+    return (cls or transformers.AutoTokenizer).from_pretrained(str(folder))
+
+
 class TextLimit:
     """How many tokens of a caption the text encoder reads: `max_tokens` (`model.max_sequence_length`) tokens of
-    `tokenizer` (a folder `transformers.AutoTokenizer` loads, read on first use), counted as the pipeline tokenizes a
+    `tokenizer` (a folder, loaded on first use as its pipeline loads it: `load_tokenizer`), counted as the pipeline tokenizes a
     prompt (special tokens included); the rest is cut off by the encoder. `encoder` names it in messages ("T5")."""
 
     def __init__(self, encoder: str, max_tokens: int, tokenizer: str):
@@ -66,9 +82,7 @@ class TextLimit:
     def count(self, captions: list[str]) -> list[int]:
         """The token count of each caption, untruncated."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+            self._tokenizer = load_tokenizer(self.tokenizer_dir)
         if not captions:
             return []
         ids = self._tokenizer(list(captions), add_special_tokens=True, truncation=False)["input_ids"]

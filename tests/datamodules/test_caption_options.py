@@ -105,8 +105,9 @@ def test_caption_dropout_golden_cached_equals_uncached(tmp_path, tiny_cogvideox,
     cached = recipe_losses("cogvideox_lora", tmp_path / "a", "data.caption_dropout=0.5", "data.demo_count=8")
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(DROPOUT_GOLDEN), rtol=1e-4, atol=1e-5)
     assert cached != GOLDEN["cogvideox_lora"]  # samples were dropped
-    (entry,) = [p for p in (tmp_path / "cache" / "encoded").rglob("*.safetensors")
-                if json.loads(_metadata(p)).get("key") == EMPTY_PROMPT_KEY]  # the empty prompt, encoded once
+    entries = [json.loads(_metadata(p))["key"] for p in (tmp_path / "cache" / "encoded").rglob("*.safetensors")]
+    # the 8 demo clips under their usual keys, and the empty prompt once
+    assert len(entries) == 9 and entries.count(EMPTY_PROMPT_KEY) == 1
     # encoding every step, the dropped samples' prompts are "" before the text encoder: the same losses
     uncached = recipe_losses("cogvideox_lora", tmp_path / "b", "data.caption_dropout=0.5", "module.cache=off")
     torch.testing.assert_close(torch.tensor(uncached), torch.tensor(cached), rtol=1e-5, atol=1e-6)
