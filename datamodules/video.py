@@ -211,6 +211,9 @@ class VideoDataModule(FamilyDataModule):
 
     def _check_roots(self, roots) -> list[dict]:
         """`data.roots`: each root checked as `data.root` alone would be, its records repeated."""
+        if self.image_root:
+            raise DataError("data.image_root with data.roots: list the image folder as one of data.roots instead (the "
+                            "images a root lists are one-frame samples too), and set data.image_root=null.")
         records = []
         for entry in roots:
             child = child_module(self, entry.root)
