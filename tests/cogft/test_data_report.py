@@ -120,3 +120,16 @@ def test_validation_prompts_come_from_the_dataset(tmp_path, tiny_cogvideox):
     with av.open(str(first)) as container:
         frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
     np.testing.assert_array_equal(np.asarray(Image.open(requests[1].image)), frame)
+
+
+def test_report_and_sheet_of_images_among_videos(tmp_path, tiny_cogvideox):
+    """Images in video training (one-frame samples, data.image_root): counted by kind, in their 1 x H x W buckets,
+    drawn in the sheet as themselves."""
+    sheet = tmp_path / "sheet.png"
+    report = cogft(["data", "demo", "--recipe", "cogvideox_lora", "--preset", "tiny", "--json", "--sheet", str(sheet),
+                    "--set", "data.image_root=demo", "--set", "data.demo_count=3"])
+    assert report["kinds"] == {"video": 3, "image": 3} and report["samples"] == report["tiles"] == 6
+    assert sum(n for b, n in report["buckets"].items() if b.startswith("1x")) == 3
+    assert report["frames"] == {17: 3}  # the clips' own frame counts; images have none
+    with Image.open(sheet) as image:
+        assert sorted(t["bucket"][0] for t in json.loads(image.text["cogft:tiles"])) == [1, 1, 1, 9, 9, 9]
