@@ -232,6 +232,7 @@ class ImageDataModule(FamilyDataModule):
                  on_long_caption: Literal["warn", "fail", "truncate"] = "warn"):
         super().__init__()
         self.control, self.control_column, self.canny = control, control_column, (canny_low, canny_high)
+        self.canny_low, self.canny_high = canny_low, canny_high  # as given (data.roots: each root's module)
         self.on_long_caption = on_long_caption  # finetune/data_report.py
         self.trigger, self.roots, self.caption_dropout = trigger, roots, caption_dropout
         self.skipped: list[str] = []
