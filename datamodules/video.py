@@ -231,7 +231,8 @@ class VideoDataModule(FamilyDataModule):
             video = record["video"] or _load(EmbeddedFile(self.embedded["video"], record["video_row"]))
             return read_image(video) if record.get("kind") == "image" else read_frames(video, [0])[0]
 
-        return [{"kind": r.get("kind", "video"), "file": r["video"] or f"{self.root}[{self.split}] row {r['video_row']}",
+        return [{"kind": r.get("kind", "video"),
+                 "file": r["video"] or f"{self.root}[{self.split}] row {r['video_row']}",
                  "caption": r["prompt"], "bucket": tuple(r["bucket"]), "frames": r["frames"],
                  "size": tuple(r.get("size") or ()), "image": r["image"],
                  "thumbnail": functools.partial(first_frame, r)} for r in self.check()]
