@@ -22,10 +22,12 @@ datamodules/controls.py); the pair is checked with the image and part of its sam
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,7 +35,9 @@ from PIL import Image
 
 from datamodules import controls as control_sources
 from datamodules.buckets import BucketBatchSampler, make_buckets, nearest_bucket
+from datamodules.caption_options import check_dropout, parse_roots, with_trigger
 from datamodules.hf_datasets import load_split
+from datamodules.layouts import split_folder
 from datamodules.sample_checks import BadSamples, CheckedFiles, OnBadSample, check_all
 from datamodules.table import TableDataset
 from datamodules.textfiles import DataError, decode_utf8_lines
@@ -44,6 +48,28 @@ CAPTION_COLUMNS = ("text", "prompt", "caption")
 EXIF_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
 # How an image becomes pixels, part of every sample key (so of the encoded cache's keys): change it with the code.
 PREPROCESSING = "exif-transpose;rgb;resize=bicubic-cover;crop=centre;range=-1..1"
+
+
+def _has_metadata(path: Path) -> bool:
+    return path.is_dir() and ((path / "metadata.jsonl").is_file() or (path / "metadata.csv").is_file())
+
+
+def combine_roots(module, roots) -> dict:
+    """The table of `data.roots`: each root checked as `data.root` alone would be, its rows repeated."""
+    from datamodules.caption_options import child_module, repeated
+
+    table: dict[str, list] = {}
+    for entry in roots:
+        child = child_module(module, entry.root)
+        part = child.check()
+        if not isinstance(part["images"], list):
+            raise DataError(f"data.roots: {entry.root!r} is a dataset of embedded images; data.roots mixes folders "
+                            f"of files (imagefolder, metadata.jsonl). Save its images as files, or train on it alone "
+                            f"with data.root.")
+        module.skipped += child.skipped
+        for name, values in part.items():  # images, prompt, key, bucket, size (and control_image)
+            table.setdefault(name, []).extend(repeated(list(values), entry.repeats))
+    return table
 
 
 def read_metadata(root: Path, caption_column: str | None) -> list[tuple[str, str, str]]:
@@ -186,6 +212,9 @@ class ImageDataModule(FamilyDataModule):
             `depth_from_file` (a `depth/` folder); null: none (text-to-image).
         control_column: the column naming each image's control image (`pairs`).
         canny_low, canny_high: `cv2.Canny`'s hysteresis thresholds (`canny`): lower ones keep fainter edges.
+        trigger: a word put in front of every caption (`"TRIGGER, caption"`; datamodules/caption_options.py).
+        roots: several folders mixed, `[{root, repeats}]`, instead of `root`.
+        caption_dropout: the fraction of training samples trained with the empty prompt.
     The buckets' area and limits come from the model family (`connect`).
     """
 
@@ -194,13 +223,19 @@ class ImageDataModule(FamilyDataModule):
     setting_ranges = {"batch_size": ">=1", "num_workers": ">=0", "demo_count": ">=1", "canny_low": ">=0",
                       "canny_high": ">=0"}
 
-    def __init__(self, root: str, split: str = "train", image_column: str = "image",
+    def __init__(self, root: str | None, split: str = "train", image_column: str = "image",
                  caption_column: str | None = None, dataset_config: str | None = None, batch_size: int = 1,
                  num_workers: int = 0, seed: int = 0, drop_last: bool = False, demo_count: int = 12,
                  on_bad_sample: OnBadSample = "fail", recheck_files: bool = False, control: str | None = None,
-                 control_column: str = "control_image", canny_low: int = 100, canny_high: int = 200):
+                 control_column: str = "control_image", canny_low: int = 100, canny_high: int = 200,
+                 trigger: str | None = None, roots: list | None = None, caption_dropout: float = 0.0,
+                 on_long_caption: Literal["warn", "fail", "truncate"] = "warn"):
         super().__init__()
         self.control, self.control_column, self.canny = control, control_column, (canny_low, canny_high)
+        self.canny_low, self.canny_high = canny_low, canny_high  # as given (data.roots: each root's module)
+        self.on_long_caption = on_long_caption  # finetune/data_report.py
+        self.trigger, self.roots, self.caption_dropout = trigger, roots, caption_dropout
+        self.skipped: list[str] = []
         self.on_bad_sample, self.recheck_files = on_bad_sample, recheck_files
         self.root, self.split, self.dataset_config = root, split, dataset_config
         self.image_column, self.caption_column = image_column, caption_column
@@ -215,7 +250,10 @@ class ImageDataModule(FamilyDataModule):
 
             return write_demo_images(cache_root() / "data" / f"demo_images_{self.demo_count}", count=self.demo_count)
         path = Path(self.root).expanduser()
-        if path.is_dir() and ((path / "metadata.jsonl").is_file() or (path / "metadata.csv").is_file()):
+        split = split_folder(path, self.split, _has_metadata)  # ROOT/train/metadata.jsonl (datamodules/layouts.py)
+        if split is not None:
+            return split
+        if _has_metadata(path):
             return path
         return None
 
@@ -266,6 +304,11 @@ class ImageDataModule(FamilyDataModule):
         sample fails the run or, with `on_bad_sample=skip`, is left out (named in a warning)."""
         if self.table is not None:
             return self.table
+        check_dropout(self.caption_dropout)
+        roots = parse_roots(self.roots, self.root)
+        if roots:
+            self.table = combine_roots(self, roots)
+            return self.table
         spec: ImageSpec = self.require_processor().spec
         self.check_control(spec)
         buckets = make_buckets(target_pixels=spec.pixels, min_side=spec.min_side, max_side=spec.max_side,
@@ -304,7 +347,7 @@ class ImageDataModule(FamilyDataModule):
         def examine(row) -> tuple | str:
             source, caption, where, control = row
             try:
-                caption = _caption(caption, where)
+                caption = with_trigger(_caption(caption, where), self.trigger)
                 origin, size = decoded(source, where)
                 check_size(size, buckets, _describe(source, where))
                 if control is not None:  # a paired file: it exists, decodes, and is the image's size
@@ -318,15 +361,16 @@ class ImageDataModule(FamilyDataModule):
             if self.control is not None:  # the control is part of the sample: its file, or how it is computed
                 key += f"|control={self.control}:" + (control_origin if control is not None else
                                                       f"{self.canny[0]},{self.canny[1]}")
-            return source, caption, bucket, key, control
+            return source, caption, bucket, key, control, size
 
         bad = BadSamples(self.on_bad_sample)
-        paths, prompts, keys, sizes, kept, paired = [], [], [], [], [], []
+        paths, prompts, keys, sizes, kept, paired, originals = [], [], [], [], [], [], []
         for index, result in enumerate(check_all(rows, examine, total=total)):
             if isinstance(result, str):
                 bad.add(result)
                 continue
-            source, caption, bucket, key, control = result
+            source, caption, bucket, key, control, size = result
+            originals.append(size)
             paired.append(control if isinstance(control, str) else None)
             kept.append(index)
             prompts.append(caption)
@@ -335,6 +379,7 @@ class ImageDataModule(FamilyDataModule):
             paths.append(source if isinstance(source, str) else None)
         checked.save()
         bad.finish(total)
+        self.skipped = list(bad.problems)
         if not prompts:
             raise DataError(f"data.root={self.root!r}: all {total} images were left out as bad "
                             f"(data.on_bad_sample=skip; see the warnings above). Fix them or use other data.")
@@ -342,10 +387,28 @@ class ImageDataModule(FamilyDataModule):
         if embedded:
             images = base.select_columns(["image", "control_image"] if self.control == "pairs" else ["image"])
             images = images.select(kept) if len(kept) < total else images
-        self.table = {"images": images if embedded else paths, "prompt": prompts, "key": keys, "bucket": sizes}
+        self.table = {"images": images if embedded else paths, "prompt": prompts, "key": keys, "bucket": sizes,
+                      "size": originals}
         if self.control is not None and not embedded:
             self.table["control_image"] = paired
         return self.table
+
+    def report_rows(self) -> list[dict]:
+        """One row per training sample for the data report (finetune/data_report.py): the file, its caption, its
+        bucket and its own size."""
+        table = self.check()
+        images = table["images"]
+        files = images if isinstance(images, list) else [f"{self.root}[{self.split}] row {i}" for i in
+                                                         range(len(table["prompt"]))]
+        def picture(i):
+            from datamodules.video_io import read_image
+
+            return read_image(images[i] if isinstance(images, list) else images[i]["image"])
+
+        return [{"kind": "image", "file": str(file), "caption": caption, "bucket": (1, *bucket), "frames": 1,
+                 "size": tuple(size), "thumbnail": functools.partial(picture, i)}
+                for i, (file, caption, bucket, size) in enumerate(zip(files, table["prompt"], table["bucket"],
+                                                                      table["size"]))]
 
     def setup(self, stage: str | None = None) -> None:
         table = self.check()

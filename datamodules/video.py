@@ -26,6 +26,7 @@ kind (`on_bad_sample=fail`), or leaves each out with a warning (`on_bad_sample=s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Literal
@@ -34,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from datamodules.caption_options import check_dropout, child_module, parse_roots, repeated, with_trigger
+from datamodules.layouts import split_folder
 from datamodules.textfiles import DataError
 from datamodules.video_buckets import VideoBatchSampler, bucket_volume, check_image_ratio, pick_bucket
 from datamodules.sample_checks import BadSamples, CheckedFiles, check_all
@@ -146,13 +149,18 @@ class VideoDataModule(FamilyDataModule):
     setting_ranges = {"batch_size": ">=1", "num_workers": ">=0", "check_workers": ">=1",
                       "demo_count": ">=1"}  # checked by finetune.settings.check
 
-    def __init__(self, root: str, prompt_file: str = "prompts.txt", video_file: str = "videos.txt",
+    def __init__(self, root: str | None, prompt_file: str = "prompts.txt", video_file: str = "videos.txt",
                  image_file: str = "images.txt", split: str = "train", dataset_config: str | None = None,
                  video_column: str = "video", caption_column: str | None = None, image_column: str | None = None,
                  batch_size: int = 1, num_workers: int = 0, seed: int = 0, drop_last: bool = False,
                  on_bad_sample: Literal["fail", "skip"] = "fail", check_workers: int = 8, demo_count: int = 8,
-                 recheck_files: bool = False, image_root: str | None = None, image_ratio: float | None = None):
+                 recheck_files: bool = False, image_root: str | None = None, image_ratio: float | None = None,
+                 trigger: str | None = None, roots: list | None = None, caption_dropout: float = 0.0,
+                 on_long_caption: Literal["warn", "fail", "truncate"] = "warn"):
         super().__init__()
+        self.on_long_caption = on_long_caption  # finetune/data_report.py
+        self.trigger, self.roots, self.caption_dropout = trigger, roots, caption_dropout  # caption_options.py
+        self.skipped: list[str] = []
         self.root, self.prompt_file, self.video_file, self.image_file = root, prompt_file, video_file, image_file
         self.split, self.dataset_config = split, dataset_config
         self.video_column, self.caption_column, self.image_column = video_column, caption_column, image_column
@@ -189,6 +197,8 @@ class VideoDataModule(FamilyDataModule):
         return root
 
     def _rows_at(self, root: Path, name: str, with_images: bool) -> list[ClipRow]:
+        # ROOT/train/metadata.jsonl (the videofolder layout's split folders: datamodules/layouts.py)
+        root = split_folder(root, self.split, self._holds_layout) or root
         if root.is_dir() and has_list_layout(root, self.prompt_file, self.video_file):
             return read_list_layout(root, self.prompt_file, self.video_file, self.image_file, with_images)
         if root.is_dir() and has_metadata(root):
@@ -196,10 +206,46 @@ class VideoDataModule(FamilyDataModule):
         return read_dataset(name, self.split, self.dataset_config, self.video_column, self.caption_column,
                             self.image_column, with_images)
 
+    def _holds_layout(self, path: Path) -> bool:
+        return path.is_dir() and (has_list_layout(path, self.prompt_file, self.video_file) or has_metadata(path))
+
+    def _check_roots(self, roots) -> list[dict]:
+        """`data.roots`: each root checked as `data.root` alone would be, its records repeated."""
+        if self.image_root:
+            raise DataError("data.image_root with data.roots: list the image folder as one of data.roots instead (the "
+                            "images a root lists are one-frame samples too), and set data.image_root=null.")
+        records = []
+        for entry in roots:
+            child = child_module(self, entry.root)
+            part = child.check()
+            if child.embedded:
+                raise DataError(f"data.roots: {entry.root!r} is a dataset of embedded videos; data.roots mixes folders "
+                                f"of files. Save its videos as files, or train on it alone with data.root.")
+            self.skipped += child.skipped
+            records += repeated(part, entry.repeats)
+        return records
+
+    def report_rows(self) -> list[dict]:
+        """One row per training sample for the data report (finetune/data_report.py)."""
+        def first_frame(record):
+            video = record["video"] or _load(EmbeddedFile(self.embedded["video"], record["video_row"]))
+            return read_image(video) if record.get("kind") == "image" else read_frames(video, [0])[0]
+
+        return [{"kind": r.get("kind", "video"),
+                 "file": r["video"] or f"{self.root}[{self.split}] row {r['video_row']}",
+                 "caption": r["prompt"], "bucket": tuple(r["bucket"]), "frames": r["frames"],
+                 "size": tuple(r.get("size") or ()), "image": r["image"],
+                 "thumbnail": functools.partial(first_frame, r)} for r in self.check()]
+
     # -- check ----------------------------------------------------------------------------------
     def check(self) -> list[dict]:
         """Validate every clip (decoding the frames the run will use) before the model is loaded."""
         if self.records is not None:
+            return self.records
+        check_dropout(self.caption_dropout)
+        roots = parse_roots(self.roots, self.root)
+        if roots:
+            self.records = self._check_roots(roots)
             return self.records
         spec: VideoSpec = self.require_processor().spec
         if self.on_bad_sample not in ("fail", "skip"):
@@ -226,6 +272,7 @@ class VideoDataModule(FamilyDataModule):
                 records.append(outcome)
         checked.save()
         bad.finish(len(rows))  # fail: raises, listing them all
+        self.skipped = list(bad.problems)
         if not records:
             raise DataError(f"data.root={self.root!r}: none of its {len(rows)} clips is usable (each is named in a "
                             f"warning above).")
@@ -248,7 +295,7 @@ class VideoDataModule(FamilyDataModule):
     def _probe(self, row: ClipRow, buckets: list, with_image: bool, checked: CheckedFiles) -> dict:
         """One clip checked as the run will read it: caption, file, size and bucket, the frames it samples, and
         its conditioning image. Returns its record; raises DataError naming what is wrong and the fix."""
-        prompt = _caption(row.prompt, row.where)
+        prompt = with_trigger(_caption(row.prompt, row.where), self.trigger)
         video = _load(row.video)
         _exists(video, row.where, "video", "Fix the path (relative to the data folder) or remove the entry and "
                                            "its caption.")
@@ -307,7 +354,8 @@ class VideoDataModule(FamilyDataModule):
                 "video_row": row.video.row if not isinstance(video, str) else -1,
                 "image": image if isinstance(image, str) else None,
                 "image_row": row.image.row if image is not None and not isinstance(image, str) else -1,
-                "frames": frames, "bucket": bucket, "prompt": prompt, "key": "|".join(key), "kind": "video"}
+                "frames": frames, "bucket": bucket, "prompt": prompt, "key": "|".join(key), "kind": "video",
+                "size": (height, width)}
 
     # -- setup, samples, loader -----------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:

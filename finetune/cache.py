@@ -175,7 +175,8 @@ def precompute(cache: EncodedCache, datamodule, encode: Callable[[dict], dict], 
     With several processes, rank r encodes the missing samples i with i % world_size == r; after `barrier` each
     encodes whatever is still missing (nothing, unless the nodes do not share `cache.directory`)."""
     keys = [key for key, _ in datamodule.sample_index()]
-    missing = cache.missing(keys)
+    first = {}  # a sample listed several times (data.roots repeats) is encoded once
+    missing = [i for i in cache.missing(keys) if first.setdefault(keys[i], i) == i]
     mine = [i for i in missing if i % world_size == rank]
     if rank == 0:
         rank_zero_info(f"encoded cache: {cache.directory} ({len(keys) - len(missing)} of {len(keys)} samples present"
@@ -184,7 +185,8 @@ def precompute(cache: EncodedCache, datamodule, encode: Callable[[dict], dict], 
     if world_size > 1:
         if barrier is not None:
             barrier()
-        done += _encode(cache, datamodule, encode, cache.missing(keys), progress)
+        done += _encode(cache, datamodule, encode, [i for i in cache.missing(keys) if first.get(keys[i], i) == i],
+                        progress)
     return done
 
 
@@ -245,6 +247,7 @@ class EncodeOnce:
         self.serving = False  # the training batches are the cached encodings (`on_fit_start`)
         self.parked: dict[str, torch.nn.Module] = {}  # the family's encoders, kept out of the module tree
         self._wrapped: tuple | None = None  # (data module, its `EncodedSamples`) during a fit that encodes once
+        self.empty_prompt: dict[str, torch.Tensor] | None = None  # caption dropout's "" (`on_fit_start`)
 
     def setup(self, trainer, stage: str) -> None:
         self.active = stage == "fit" and self.store is not None and _indexed(trainer.datamodule)
@@ -252,7 +255,9 @@ class EncodeOnce:
             self._park(self.family.encoders())
             self._wrapped = (trainer.datamodule, wrap_samples(trainer.datamodule, self.store))
 
-    def on_fit_start(self, module) -> None:
+    def on_fit_start(self, module, empty_prompt_keys: tuple[str, ...] = ()) -> None:
+        """`empty_prompt_keys` (caption dropout, `finetune.dropout`): the prompt encodings of "" are also encoded
+        once (or read from the cache), into `self.empty_prompt`."""
         if not self.active:
             return
         from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -273,6 +278,10 @@ class EncodeOnce:
               trainer.precision_plugin.forward_context()):
             precompute(self.store, datamodule, encode, rank=trainer.global_rank, world_size=trainer.world_size,
                        barrier=trainer.strategy.barrier, progress=trainer.is_global_zero)
+            if empty_prompt_keys:
+                from finetune.dropout import empty_prompt_encoding
+
+                self.empty_prompt = empty_prompt_encoding(self.store, datamodule, encode, empty_prompt_keys)
         samples.serving = self.serving = True
 
     def encode(self, batch: dict) -> dict:

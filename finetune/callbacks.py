@@ -62,7 +62,10 @@ class ValidationSamples(L.Callback):
     Args:
         prompts: the validation prompts (the same every time, so samples are comparable): strings, or mappings
             `{prompt: ..., image: PATH}` for families conditioned on an image (image-to-video), or with other named
-            media (`{prompt: ..., control_image: PATH}`: CogView4 control).
+            media (`{prompt: ..., control_image: PATH}`: CogView4 control); null: `data_prompts` of the training
+            data's own captions (and conditioning images), named in the log (`finetune.validation_prompts`); []: no
+            validation samples.
+        data_prompts: how many captions `prompts: null` takes from the data.
         every_n_steps: 0 disables the periodic samples (the final ones are still made if `at_end`).
         seed: the generator seed of the first prompt (prompt i uses seed + i).
         generate_kwargs: passed to the family's `generate` (steps, guidance scale, fps).
@@ -73,12 +76,21 @@ class ValidationSamples(L.Callback):
         max_color_drift: warn when a sample's colour histogram distance from its baseline exceeds this.
     """
 
-    setting_ranges = {"min_motion_ratio": "[0, 1]", "max_color_drift": "[0, 1]"}  # checked by finetune.settings.check
+    setting_ranges = {"min_motion_ratio": "[0, 1]", "max_color_drift": "[0, 1]",
+                      "data_prompts": ">=0"}  # checked by finetune.settings.check
 
-    def __init__(self, prompts: list, every_n_steps: int = 0, at_end: bool = True, seed: int = 42,
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if self.from_data and stage == "fit" and not self.requests:  # prompts: null
+            from finetune.validation_prompts import requests_from_data
+
+            self.requests = requests_from_data(trainer.datamodule, self.data_prompts, _run_dir(trainer))
+
+    def __init__(self, prompts: list | None = None, every_n_steps: int = 0, at_end: bool = True, seed: int = 42,
                  generate_kwargs: dict | None = None, baseline: bool = True, min_motion_ratio: float = 0.3,
-                 max_color_drift: float = 0.6):
-        self.requests = generation_requests(prompts)
+                 max_color_drift: float = 0.6, data_prompts: int = 2):
+        self.from_data = prompts is None
+        self.requests = [] if prompts is None else generation_requests(prompts)
+        self.data_prompts = data_prompts
         self.every_n_steps, self.at_end, self.seed = every_n_steps, at_end, seed
         self.generate_kwargs = dict(generate_kwargs or {})
         self.last_step = -1

@@ -54,16 +54,54 @@ class ImageSpec:
     control_image: bool = False
 
 
+def load_tokenizer(directory: str):
+    """The tokenizer in `directory` as its pipeline loads it: the transformers class the checkpoint's
+    `model_index.json` names for that folder (e.g. `T5Tokenizer`, `PreTrainedTokenizerFast`), else `AutoTokenizer`;
+    never remote code."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    folder = Path(directory)
+    index = folder.parent / "model_index.json"
+    named = json.loads(index.read_text()).get(folder.name) if index.is_file() else None
+    cls = getattr(transformers, named[1], None) if isinstance(named, list) and len(named) == 2 else None
+    return (cls or transformers.AutoTokenizer).from_pretrained(str(folder))
+
+
+class TextLimit:
+    """How many tokens of a caption the text encoder reads: `max_tokens` (`model.max_sequence_length`) tokens of
+    `tokenizer` (a folder, loaded on first use as its pipeline loads it: `load_tokenizer`), counted as the pipeline tokenizes a
+    prompt (special tokens included); the rest is cut off by the encoder. `encoder` names it in messages ("T5")."""
+
+    def __init__(self, encoder: str, max_tokens: int, tokenizer: str):
+        self.encoder, self.max_tokens, self.tokenizer_dir = encoder, int(max_tokens), str(tokenizer)
+        self._tokenizer = None
+
+    def count(self, captions: list[str]) -> list[int]:
+        """The token count of each caption, untruncated."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_dir)
+        if not captions:
+            return []
+        ids = self._tokenizer(list(captions), add_special_tokens=True, truncation=False)["input_ids"]
+        return [len(x) for x in ids]
+
+
 class Processor:
     """A family's view of a sample. `spec` tells the data module what to produce (a `VideoSpec`, an `ImageSpec`,
     or None when the family takes the media as it comes); `__call__` turns one raw sample into model inputs
     (tokenising, templates, preprocessing); `collate` stacks processed samples into a batch. The defaults pass
-    a sample through and stack tensors."""
+    a sample through and stack tensors. `text_limit` (a `TextLimit`, None: not told) is how many tokens of a
+    caption the text encoder reads: the data report counts the captions longer than that
+    (`finetune.data_report`, `data.on_long_caption`)."""
 
     spec: Any = None
+    text_limit: TextLimit | None = None
 
-    def __init__(self, spec: Any = None):
-        self.spec = spec
+    def __init__(self, spec: Any = None, text_limit: TextLimit | None = None):
+        self.spec, self.text_limit = spec, text_limit
 
     def __call__(self, sample: dict, train: bool = True) -> dict:
         return sample

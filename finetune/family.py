@@ -93,6 +93,9 @@ class ModelFamily(nn.Module, ABC):
     #: how other tools spell the trained network's module names (`finetune.lora_formats.files.LoraNames`: native ComfyUI,
     #: SAT), for the `cogft` command and `export_format`; None: the family's own export format only
     lora_names = None
+    #: the outputs of `encode` computed from the prompt alone (e.g. `prompt_embeds`): what caption dropout
+    #: (`data.caption_dropout`, `finetune.dropout`) replaces by the empty prompt's; empty: captions cannot be dropped
+    prompt_keys: tuple[str, ...] = ()
     #: the LoRA file formats the family writes, its own (what `export` writes) first; `callbacks.export.formats` may
     #: ask for any of them, each written by `export_format`
     export_formats: tuple[str, ...] = ()

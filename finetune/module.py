@@ -11,6 +11,7 @@ from finetune import rng
 from finetune.adapters import Full, LoRA
 from finetune.cache import EncodeOnce
 from finetune.checkpointing import CheckpointError, identity_differences
+from finetune.dropout import CaptionDropout
 from finetune.family import ModelFamily
 from finetune.guards import TrainingFailed
 from finetune.loggers import RunningMean, is_logging_step, log_metrics
@@ -62,6 +63,7 @@ class FinetuneModule(L.LightningModule):
         if enable_gradient_checkpointing:
             family.enable_gradient_checkpointing()
         self.cache = EncodeOnce(family, cache, cache_dir)  # encode once: called once from each hook below
+        self.caption_dropout: CaptionDropout | None = None  # data.caption_dropout, from `on_fit_start`
         # Checkpoints hold only trainable weights; the frozen base comes from model.path again.
         self.strict_loading = False
         #: what this run trains (recipe, model, adapter, kit version: `finetune.checkpointing.run_identity`)
@@ -88,7 +90,12 @@ class FinetuneModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # After the strategy set up (the module on its device, the processes connected), before any batch is loaded.
-        self.cache.on_fit_start(self)
+        fraction = getattr(self.trainer.datamodule, "caption_dropout", 0) or 0  # data.caption_dropout
+        self.caption_dropout = CaptionDropout(fraction, self.family.prompt_keys, self.seed, self.trainer.global_rank,
+                                              type(self.family).__name__) if fraction else None
+        self.cache.on_fit_start(self, self.family.prompt_keys if fraction else ())
+        if self.caption_dropout is not None:
+            self.caption_dropout.empty = self.cache.empty_prompt
         if self.blocks_to_swap and self.block_swap is None:
             from finetune.memory import swap_blocks
             from finetune.strategies import parameters_sharded
@@ -123,7 +130,14 @@ class FinetuneModule(L.LightningModule):
         return self.cache.encode(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.family.training_loss(self.encode(batch))
+        dropout = getattr(self, "caption_dropout", None)
+        if dropout is None:
+            encoded = self.encode(batch)
+        else:  # data.caption_dropout: drawn from the seed, the step and the batch (finetune/dropout.py)
+            draw = self.trainer.global_step * 100_003 + batch_idx
+            encoded = dropout.drop_encoded(self.encode(batch), draw) if self.cache.serving else \
+                self.encode(dropout.drop_prompts(batch, draw))
+        loss = self.family.training_loss(encoded)
         # Not `self.log`: Lightning's result collection costs ~1 ms of Python a step, and its progress-bar copy reads
         # the loss back from the device (a host-device sync) every step. Logged on the cadence in `optimizer_step`.
         self.train_loss.add(loss)

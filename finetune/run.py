@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune import hub, runs
 from finetune.checkpointing import RunInterrupted, run_identity
 from finetune.console import quiet_known_warnings
+from finetune.data_report import SHEET_LIMIT, check_long_captions, contact_sheet, data_report, log_report, report_rows
 from finetune.errors import PathSettingError, RunDirError
 from finetune.hub import check_weight_files
 from finetune.lora_formats.record import check_lora_fits
@@ -130,7 +131,24 @@ def build_data(cfg: DictConfig, checkpoint: str | None = None):
     datamodule = instantiate(cfg.data)
     datamodule.connect(family_data_processor(cfg.model, checkpoint))
     datamodule.check()
+    # what the run trains on, on the console (and to W&B, `log_data_report`); long captions per
+    # data.on_long_caption (finetune/data_report.py)
+    datamodule.report = data_report(datamodule)
+    if datamodule.report is not None:
+        rank_zero_info(datamodule.report.text())
+        check_long_captions(datamodule.report)
     return datamodule
+
+
+def log_data_report(trainer: L.Trainer, datamodule, run_dir: Path) -> None:
+    """The data report and a contact sheet of the first `SHEET_LIMIT` samples (`run_dir/data_sheet.png`) to W&B
+    (`data/report`, `data/sheet`), on rank zero, when the run logs to W&B."""
+    report = getattr(datamodule, "report", None)
+    if report is None or trainer.global_rank != 0 or \
+            not any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+        return
+    sheet = contact_sheet(report_rows(datamodule), run_dir / "data_sheet.png", limit=SHEET_LIMIT)
+    log_report(trainer.loggers, report, sheet)
 
 
 def build(cfg: DictConfig, checked: bool = False) -> tuple[L.Trainer, FinetuneModule, L.LightningDataModule,
@@ -166,11 +184,13 @@ def build(cfg: DictConfig, checked: bool = False) -> tuple[L.Trainer, FinetuneMo
     module.identity = run_identity(cfg)
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    log_data_report(trainer, datamodule, run_dir)
     return trainer, module, datamodule, ckpt_path
 
 
 # What a run writes into its run_dir (Hydra's own train.log is appended to and not counted).
-RUN_OUTPUTS = ("config.yaml", "checkpoints", "export", "samples", "predictions", "csv", "tensorboard", "wandb")
+RUN_OUTPUTS = ("config.yaml", "data_sheet.png", "checkpoints", "export", "samples", "predictions", "csv", "tensorboard",
+               "wandb")
 
 
 def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> list[str]:

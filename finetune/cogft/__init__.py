@@ -1,5 +1,6 @@
-"""`cogft`: inspect, export, convert, merge, generate and publish what the kit trains.
+"""`cogft`: report on data; inspect, export, convert, merge, generate and publish what the kit trains.
 
+    cogft data DATA --recipe R [--sheet FILE.png]  the data report: buckets, frames, sizes, caption tokens, skips
     cogft inspect FILE_OR_DIR                     what a LoRA file is, and at which scale each loader applies it
     cogft export CKPT                             a training checkpoint -> the recipe's export (+ --formats comfy)
     cogft convert IN OUT --to diffusers|comfy|kohya [--alpha A] [--fold-alpha]
@@ -50,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.split("\n")[2:]))
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="the data report (and a contact sheet) of a dataset as a recipe trains on it")
+    p.add_argument("data", help="data.root: a folder in any layout the recipe's data module reads, a dataset, or demo")
+    p.add_argument("--recipe", required=True, choices=recipe_names(), metavar="RECIPE",
+                   help="the recipe whose data module and model decide buckets and caption limits")
+    p.add_argument("--preset", default=None, help="e.g. tiny: the recipe's tiny offline model and sizes")
+    p.add_argument("--model", default=None, help="model.path: a hub id (configs and tokenizer only), a folder, tiny")
+    p.add_argument("--sheet", default=None, metavar="FILE.png",
+                   help="write a contact sheet: one thumbnail per sample, grouped by bucket, its caption under it")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting as train.py takes it, e.g. --set data.trigger=sks (repeat for several)")
 
     p = sub.add_parser("inspect", help="what a LoRA file is and how each loader applies it")
     p.add_argument("path", help="a LoRA .safetensors (or SAT .pt) file, or the folder holding it")
@@ -167,6 +180,10 @@ def run(argv: list[str]):
 
 
 def _dispatch(args):
+    if args.command == "data":
+        from .data import data_command
+
+        return data_command(args.data, args.recipe, args.preset, args.model, args.sheet, args.json, args.overrides)
     if args.command == "inspect":
         from .files import main_inspect
 

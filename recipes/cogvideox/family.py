@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.data import DataError, Processor, VideoSpec
+from finetune.data import DataError, Processor, TextLimit, VideoSpec
 from finetune.family import GenerationRequest, Sample, parse_dtype
 from finetune.hub import resolve_pretrained
 from recipes.cogvideox.keys import COGVIDEOX_LORA_NAMES, recognize_cogvideox_lora
@@ -163,14 +163,17 @@ class CogVideoX(DiffusersFamily):
 
     @classmethod
     def data_processor(cls, checkpoint: str, height: int = 480, width: int = 720, num_frames: int = 49,
-                       buckets: list | None = None) -> Processor:
+                       buckets: list | None = None, max_sequence_length: int | None = None) -> Processor:
         """Clips in the training buckets, each (and the validation size) checked against the transformer config of
         `checkpoint` (the local folder, `local_checkpoint`); only the config is read. Image-to-video families
         (`conditioning_image`) get each clip's first frame too."""
         config = json.loads((Path(checkpoint) / "transformer" / "config.json").read_text())
         check_video_settings(height, width, num_frames, config)
+        # the T5 tokens the pipeline's encode_prompt keeps (`max_sequence_length`), for the data report
+        limit = TextLimit("T5", max_sequence_length, Path(checkpoint) / "tokenizer") if max_sequence_length else None
         return Processor(VideoSpec(buckets=video_buckets(num_frames, height, width, buckets, config),
-                                   conditioning_image=cls.conditioning_image, one_frame=cls.one_frame_samples))
+                                   conditioning_image=cls.conditioning_image, one_frame=cls.one_frame_samples),
+                         text_limit=limit)
 
     def cache_namespace(self) -> str:
         return (f"{self.family_name}|{self.path}|encoders={self.encoder_files()}|{self.dtype_name}"

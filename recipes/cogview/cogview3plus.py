@@ -45,6 +45,7 @@ class CogView3Plus(BucketedImageFamily):
             None: resolved here (`local_checkpoint`).
     """
 
+    text_encoder_name = "T5"  # the data report's long-caption count
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     block_class_names = ("CogView3PlusTransformerBlock",)  # what fsdp2 shards and block swap streams
     display_name = "CogView3-Plus"

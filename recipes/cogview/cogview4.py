@@ -16,11 +16,13 @@ in `MaskedCogView4AttnProcessor`, so every sample gets the loss it would get alo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.data import DataError, ImageSpec, Processor
+from finetune.data import DataError, ImageSpec, Processor, TextLimit
 from finetune.family import GenerationRequest, Sample, parse_dtype
 from finetune.hub import resolve_pretrained
 from finetune.lora_formats.files import query_widths
@@ -87,15 +89,21 @@ class BucketedImageFamily(DiffusersFamily):
 
     #: the model's name in error messages
     display_name = "CogView4"
+    #: the text encoder, named in the data report's long-caption count
+    text_encoder_name = "GLM"
 
     @classmethod
     def data_processor(cls, height: int = 1024, width: int = 1024, bucket_pixels: int = 1024 * 1024,
                        min_side: int = 512, max_side: int = 2048, bucket_multiple: int = 32,
-                       max_pixels: int = 2**21) -> Processor:
+                       max_pixels: int = 2**21, checkpoint: str | None = None,
+                       max_sequence_length: int | None = None) -> Processor:
         check_sides(cls.display_name, bucket_multiple, height=height, width=width, min_side=min_side,
                     max_side=max_side)
+        # the text encoder's tokens the pipeline keeps (`max_sequence_length`), for the data report
+        limit = (TextLimit(cls.text_encoder_name, max_sequence_length, Path(checkpoint) / "tokenizer")
+                 if checkpoint and max_sequence_length else None)
         return Processor(ImageSpec(pixels=bucket_pixels, min_side=min_side, max_side=max_side,
-                                   multiple=bucket_multiple, max_pixels=max_pixels))
+                                   multiple=bucket_multiple, max_pixels=max_pixels), text_limit=limit)
 
 
 class CogView4(BucketedImageFamily):
@@ -124,6 +132,7 @@ class CogView4(BucketedImageFamily):
     """
 
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    prompt_keys = ("prompt_embeds", "prompt_length")  # what `encode` makes of the prompt (caption dropout)
     block_class_names = ("CogView4TransformerBlock",)  # what fsdp2 shards and block swap streams
     transformer_class = "CogView4Transformer2DModel"
     base_family = "CogView4"

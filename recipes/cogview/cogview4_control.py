@@ -188,11 +188,13 @@ class CogView4Control(CogView4):
     @classmethod
     def data_processor(cls, height: int = 1024, width: int = 1024, bucket_pixels: int = 1024 * 1024,
                        min_side: int = 512, max_side: int = 2048, bucket_multiple: int = 32,
-                       max_pixels: int = 2**21) -> Processor:
+                       max_pixels: int = 2**21, checkpoint: str | None = None,
+                       max_sequence_length: int | None = None) -> Processor:
         """CogView4's buckets, with a control image per sample in the same bucket (`data.control`)."""
-        spec = super().data_processor(height=height, width=width, bucket_pixels=bucket_pixels, min_side=min_side,
-                                      max_side=max_side, bucket_multiple=bucket_multiple, max_pixels=max_pixels).spec
-        return Processor(ImageSpec(**{**spec.__dict__, "control_image": True}))
+        base = super().data_processor(height=height, width=width, bucket_pixels=bucket_pixels, min_side=min_side,
+                                      max_side=max_side, bucket_multiple=bucket_multiple, max_pixels=max_pixels,
+                                      checkpoint=checkpoint, max_sequence_length=max_sequence_length)
+        return Processor(ImageSpec(**{**base.spec.__dict__, "control_image": True}), text_limit=base.text_limit)
 
     def __init__(self, path: str = "THUDM/CogView4-6B-Control", dtype: str = "bf16", height: int = 1024,
                  width: int = 1024, max_sequence_length: int = 1024, sigma_sampling: str = "uniform",

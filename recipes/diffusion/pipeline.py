@@ -63,6 +63,8 @@ class DiffusersFamily(ModelFamily):
     """Subclasses call `attach_pipeline(pipe)` with the loaded diffusers pipeline and implement
     `generate_one`."""
 
+    prompt_keys = ("prompt_embeds",)  # what `encode` makes of the prompt (caption dropout replaces it)
+
     def attach_pipeline(self, pipe) -> None:
         self.pipe = pipe
         pipe.set_progress_bar_config(disable=True)

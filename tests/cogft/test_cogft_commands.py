@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 
@@ -209,7 +210,7 @@ def test_readme_cogft_section_runs(tmp_path, monkeypatch, capsys):
     blocks = re.findall(r"```bash\n(.*?)```", readme_section(), re.S)
     commands = [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
     assert sum(c.startswith("cogft ") for c in commands) >= 6 and commands[0].startswith("python train.py")
-    for sub in ("inspect", "export", "convert", "merge", "generate", "push", "runs", "caption", "--help"):
+    for sub in ("data", "inspect", "export", "convert", "merge", "generate", "push", "runs", "caption", "--help"):
         assert any(c.startswith("cogft") and sub in c for c in commands), sub
     monkeypatch.chdir(tmp_path)
     for command in commands:
@@ -228,6 +229,8 @@ def test_readme_cogft_section_runs(tmp_path, monkeypatch, capsys):
     assert (demo / "export" / "comfyui_lora.safetensors").is_file()  # callbacks.export.formats at training time
     assert (demo / "merged" / "cogft_merge.json").is_file() and (demo / "upload" / "README.md").is_file()
     assert (demo / "captioned" / "videos.txt").read_text() == "00.mp4\n"  # cogft caption --preset tiny
+    with Image.open(demo / "data_sheet.png") as sheet:  # cogft data --sheet: a tile per demo clip
+        assert len(json.loads(sheet.text["cogft:tiles"])) == 8
     assert video_shape(demo / "generated_17" / "00.mp4") == (17, 32, 48)
     out = capsys.readouterr().out
     assert "ComfyUI (native)" in out

@@ -101,7 +101,7 @@ def test_every_problem_is_reported_at_once(tmp_path, nothing_built):
 
 def test_a_required_setting_left_unset_is_named():
     assert config_problems(compose(["recipe=cogview4_lora"])) == [
-        "data.root=???: not set; expected a string, set data.root=..."]
+        "data.root=???: not set; expected a string or null, set data.root=..."]  # null: with data.roots
     assert config_problems(compose([]))[0] == "model=null: no model is chosen; pick a recipe (conf/recipe/), e.g. " \
                                               "recipe=cogview4_lora"
 

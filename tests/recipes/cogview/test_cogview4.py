@@ -270,10 +270,14 @@ def test_recipes_compose_with_official_defaults_and_instantiate_tiny(recipe):
     assert real.trainer.use_distributed_sampler is False
     if real.adapter._target_.endswith("LoRA"):
         assert (real.adapter.rank, real.adapter.alpha) == (128, 64)
-    if recipe.startswith("cogview4"):
+    if "control" in recipe:  # control samples need control images: the recipe names them with its prompts
         prompts = [p if isinstance(p, str) else p.prompt for p in real.callbacks.samples.prompts]  # control: mappings
         assert any(any("\u4e00" <= c <= "\u9fff" for c in p) for p in prompts)
+    else:
+        assert real.callbacks.samples.prompts is None  # a user's data: validation prompts from its captions
     cfg = compose([f"recipe={recipe}", "preset=tiny"])
+    if recipe.startswith("cogview4") and "control" not in recipe:  # the demo's prompts: the tiny preset's
+        assert any(any("\u4e00" <= c <= "\u9fff" for c in p) for p in cfg.callbacks.samples.prompts)
     build_data(cfg)
     module = build_module(cfg)
     assert any(p.requires_grad for p in module.parameters())
