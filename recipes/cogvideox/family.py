@@ -138,9 +138,13 @@ class CogVideoX(DiffusersFamily):
         # The training scheduler of the official finetune; same alphas as the shipped DDIM config.
         self.scheduler = diffusers.CogVideoXDPMScheduler.from_config(pipeline.scheduler.config)
         self.enable_vae_tiling = enable_vae_tiling
-        if enable_vae_tiling:
-            self.vae.enable_slicing()
-            self.vae.enable_tiling()
+        if self.component_loaded("vae"):  # built in memory; a deferred VAE is configured as it loads
+            self.configure_component("vae", self.vae)
+
+    def configure_component(self, name: str, module) -> None:
+        if name == "vae" and self.enable_vae_tiling:
+            module.enable_slicing()
+            module.enable_tiling()
 
     @classmethod
     def from_pipeline(cls, pipe, height: int, width: int, num_frames: int, max_sequence_length: int = 226,
@@ -189,7 +193,7 @@ class CogVideoX(DiffusersFamily):
     # -- objective ------------------------------------------------------------------------------
     def sample_latents(self, encoded: dict) -> torch.Tensor:
         """`latent_dist.sample() * scaling_factor` laid out [B, F, C, H, W]."""
-        latents = sample_latents(encoded, self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4)
+        latents = sample_latents(encoded, self.component_config("vae").scaling_factor).permute(0, 2, 1, 3, 4)
         p_t = self.transformer.config.patch_size_t
         if p_t is not None and latents.shape[1] % p_t:
             # CogVideoX1.5: prepend copies of the first latent frame to make the count divisible.
@@ -227,7 +231,7 @@ class CogVideoX(DiffusersFamily):
     # -- sampling -------------------------------------------------------------------------------
     def generate_one(self, request: GenerationRequest, generator: torch.Generator, num_inference_steps: int = 50,
                      guidance_scale: float = 6.0, fps: int = 8) -> Sample:
-        frames = self.pipe(request.prompt, height=self.height, width=self.width, num_frames=self.num_frames,
+        frames = self.pipe(**self.prompt_arguments(request), height=self.height, width=self.width, num_frames=self.num_frames,
                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                            max_sequence_length=self.max_sequence_length, generator=generator,
                            output_type="np").frames[0]

@@ -26,6 +26,7 @@ from finetune.family import GenerationRequest, Sample, parse_dtype
 from finetune.hub import resolve_pretrained
 from finetune.lora_formats.files import MODEL_KEY
 from recipes.cogview.cogview4 import BucketedImageFamily
+from recipes.diffusion.pipeline import load_pipeline
 from recipes.diffusion.objectives import sample_latents, v_prediction_loss
 
 LORA_FILE = "transformer_lora.safetensors"
@@ -59,14 +60,14 @@ class CogView3Plus(BucketedImageFamily):
                  min_side: int = 512, max_side: int = 2048, bucket_multiple: int = 32, max_pixels: int = 2**21,
                  checkpoint: str | None = None):
         super().__init__()
-        from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline
+        from diffusers import CogVideoXDDIMScheduler
 
         self.data_processor(height=height, width=width, bucket_pixels=bucket_pixels, min_side=min_side,
                             max_side=max_side, bucket_multiple=bucket_multiple, max_pixels=max_pixels)
         self.path, self.dtype_name = path, dtype
         self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
         local = self.checkpoint_dir = checkpoint or self.local_checkpoint(path)
-        self.attach_pipeline(CogView3PlusPipeline.from_pretrained(local, dtype=parse_dtype(dtype)))
+        self.attach_pipeline(load_pipeline("CogView3PlusPipeline", local, parse_dtype(dtype)))
         self.scheduler = CogVideoXDDIMScheduler.from_config(self.pipe.scheduler.config)
         if self.scheduler.config.prediction_type != "v_prediction":
             raise ValueError(f"{local}: scheduler prediction_type={self.scheduler.config.prediction_type!r}; "
@@ -96,7 +97,7 @@ class CogView3Plus(BucketedImageFamily):
 
     def sample_latents(self, encoded: dict) -> torch.Tensor:
         """`latent_dist.sample() * scaling_factor` (the pipeline decodes `latents / scaling_factor`)."""
-        return sample_latents(encoded, self.vae.config.scaling_factor)
+        return sample_latents(encoded, self.component_config("vae").scaling_factor)
 
     def training_loss(self, encoded: dict, noise: torch.Tensor | None = None,
                       timesteps: torch.Tensor | None = None) -> torch.Tensor:

@@ -162,8 +162,9 @@ class CogView4(BucketedImageFamily):
         # the transformer is told the unshifted sigma * 1000, as CogView4Pipeline (diffusers 0.42.1) does
         self.flow = FlowMatching(self.scheduler, sigma_sampling, logit_mean, logit_std, loss_weighting,
                                  timestep_shifted=False)
-        if self.vae.config.shift_factor not in (None, 0, 0.0):
-            raise ValueError(f"{self.checkpoint_dir or path}: vae.config.shift_factor={self.vae.config.shift_factor}, "
+        shift_factor = self.component_config("vae").shift_factor
+        if shift_factor not in (None, 0, 0.0):
+            raise ValueError(f"{self.checkpoint_dir or path}: vae.config.shift_factor={shift_factor}, "
                              f"but CogView4Pipeline decodes latents / scaling_factor without a shift; training would "
                              f"not match inference.")
 
@@ -202,7 +203,7 @@ class CogView4(BucketedImageFamily):
     # -- objective ------------------------------------------------------------------------------
     def sample_latents(self, encoded: dict) -> torch.Tensor:
         """`latent_dist.sample() * scaling_factor` (the pipeline decodes `latents / scaling_factor`)."""
-        return sample_latents(encoded, self.vae.config.scaling_factor)
+        return sample_latents(encoded, self.component_config("vae").scaling_factor)
 
     def shift_mu(self, height: int, width: int) -> float:
         """The pipeline's own `calculate_shift` on `image_seq_len = (H/8)(W/8)/patch^2`."""
