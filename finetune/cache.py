@@ -329,9 +329,11 @@ class EncodeOnce:
                            prepare=lambda: self._bring(family.encoder_names(), device))
         finally:
             self._put_away(names)
-        loaded = [n for n in family.deferred_components() if family.component_loaded(n)]
+        loaded = [n for n in dict.fromkeys(names + family.deferred_components()) if family.component_loaded(n)
+                  and n not in family.training_components()]
         rank_zero_info("encoders before the first step: " + (
-            ", ".join(loaded) + " loaded" + (" (module.keep_encoders=true: parked on the CPU)" if self.parked else "")
+            ", ".join(loaded) + " loaded, parked on the CPU" + (" (module.keep_encoders=true)" if self.keep_encoders
+                                                                   else " (built in memory: not loaded again)")
             if loaded else "none loaded (module.keep_encoders=false; validation loads the VAE decoder, the text "
                            "encoder only for prompts not in the cache)"))
         samples.serving = self.serving = True

@@ -185,7 +185,7 @@ class CogVideoX(DiffusersFamily):
         (mean and logvar, so a cache still samples fresh latents each step) and T5 embeddings."""
         video = batch["video"].to(self.vae.device, self.vae.dtype).permute(0, 2, 1, 3, 4)  # [B, C, F, H, W]
         posterior = self.vae.encode(video).latent_dist
-        prompt_embeds, _ = self.pipe.encode_prompt(
+        prompt_embeds, _ = self.pipeline.encode_prompt(
             list(batch["prompt"]), do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length, device=self.text_encoder.device)
         return {"latent_mean": posterior.mean, "latent_logvar": posterior.logvar, "prompt_embeds": prompt_embeds}
@@ -206,8 +206,8 @@ class CogVideoX(DiffusersFamily):
             return None
         # The inference pipeline's own function, so training sees the positions inference will use.
         _, frames, _, h, w = latents.shape
-        scale = self.pipe.vae_scale_factor_spatial
-        return self.pipe._prepare_rotary_positional_embeddings(h * scale, w * scale, frames, latents.device)
+        scale = self.pipeline.vae_scale_factor_spatial
+        return self.pipeline._prepare_rotary_positional_embeddings(h * scale, w * scale, frames, latents.device)
 
     def conditioning(self, x_t: torch.Tensor, encoded: dict) -> tuple[torch.Tensor, dict]:
         """The transformer's input for the noisy latents and any extra keyword arguments. Text-to-video: the
@@ -231,7 +231,7 @@ class CogVideoX(DiffusersFamily):
     # -- sampling -------------------------------------------------------------------------------
     def generate_one(self, request: GenerationRequest, generator: torch.Generator, num_inference_steps: int = 50,
                      guidance_scale: float = 6.0, fps: int = 8) -> Sample:
-        frames = self.pipe(**self.prompt_arguments(request), height=self.height, width=self.width, num_frames=self.num_frames,
+        frames = self.pipeline(**self.prompt_arguments(request), height=self.height, width=self.width, num_frames=self.num_frames,
                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                            max_sequence_length=self.max_sequence_length, generator=generator,
                            output_type="np").frames[0]

@@ -126,7 +126,7 @@ class CogVideoXImageToVideo(CogVideoX):
     def generate_one(self, request: GenerationRequest, generator: torch.Generator, num_inference_steps: int = 50,
                      guidance_scale: float = 6.0, fps: int = 8) -> Sample:
         image = self.load_image(request.image)
-        frames = self.pipe(image=image, **self.prompt_arguments(request), height=self.height, width=self.width,
+        frames = self.pipeline(image=image, **self.prompt_arguments(request), height=self.height, width=self.width,
                            num_frames=self.num_frames, num_inference_steps=num_inference_steps,
                            guidance_scale=guidance_scale, max_sequence_length=self.max_sequence_length,
                            generator=generator, output_type="np").frames[0]

@@ -68,7 +68,7 @@ class CogView3Plus(BucketedImageFamily):
         self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
         local = self.checkpoint_dir = checkpoint or self.local_checkpoint(path)
         self.attach_pipeline(load_pipeline("CogView3PlusPipeline", local, parse_dtype(dtype)))
-        self.scheduler = CogVideoXDDIMScheduler.from_config(self.pipe.scheduler.config)
+        self.scheduler = CogVideoXDDIMScheduler.from_config(self.pipeline.scheduler.config)
         if self.scheduler.config.prediction_type != "v_prediction":
             raise ValueError(f"{local}: scheduler prediction_type={self.scheduler.config.prediction_type!r}; "
                              f"this recipe trains v-prediction as CogView3-Plus does.")
@@ -90,7 +90,7 @@ class CogView3Plus(BucketedImageFamily):
         padded to `max_sequence_length`, as the pipeline, so no mask is needed)."""
         image = batch["image"].to(self.vae.device, self.vae.dtype)
         posterior = self.vae.encode(image).latent_dist
-        prompt_embeds, _ = self.pipe.encode_prompt(list(batch["prompt"]), do_classifier_free_guidance=False,
+        prompt_embeds, _ = self.pipeline.encode_prompt(list(batch["prompt"]), do_classifier_free_guidance=False,
                                                    max_sequence_length=self.max_sequence_length,
                                                    device=self.text_encoder.device)
         return {"latent_mean": posterior.mean, "latent_logvar": posterior.logvar, "prompt_embeds": prompt_embeds}
@@ -103,7 +103,7 @@ class CogView3Plus(BucketedImageFamily):
                       timesteps: torch.Tensor | None = None) -> torch.Tensor:
         x0 = self.sample_latents(encoded)
         batch, _, h, w = x0.shape
-        scale, dtype = self.pipe.vae_scale_factor, self.transformer_dtype
+        scale, dtype = self.pipeline.vae_scale_factor, self.transformer_dtype
         sizes = torch.tensor([[h * scale, w * scale]] * batch, dtype=dtype, device=x0.device)
         prompt_embeds = encoded["prompt_embeds"].to(dtype)
 

@@ -45,8 +45,11 @@ def base_quantization(quantize_base: str | None, compute_dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
 
 
-#: the frozen components a diffusers family loads only when a step runs them (docs/memory.md#lazy-encoders)
-DEFERRED = ("vae", "text_encoder")
+#: the frozen components of a diffusers family that only encoding and sampling run
+ENCODERS = ("vae", "text_encoder")
+#: those `load_pipeline` leaves unloaded, each loaded when a step runs it (docs/memory.md#lazy-encoders); () loads
+#: every component with the pipeline
+DEFERRED = ENCODERS
 
 
 def component_class(directory: str, name: str):
@@ -69,7 +72,7 @@ def placeholder(directory: str, name: str) -> nn.Module | None:
 
 
 def load_pipeline(pipeline_class: str, directory: str, dtype: torch.dtype, quantization=None,
-                  deferred: tuple[str, ...] = DEFERRED):
+                  deferred: tuple[str, ...] | None = None):
     """`pipeline_class.from_pretrained(directory)` in `dtype`, without loading the components named in `deferred`
     (meta-device placeholders: `DiffusersFamily.attach_pipeline` loads them when a step needs them); with
     `quantization` (`base_quantization`) the transformer is loaded quantized (onto the current CUDA device).
@@ -80,7 +83,7 @@ def load_pipeline(pipeline_class: str, directory: str, dtype: torch.dtype, quant
     import diffusers
 
     pipeline = getattr(diffusers, pipeline_class)
-    skipped = {name: placeholder(directory, name) for name in deferred}
+    skipped = {name: placeholder(directory, name) for name in (DEFERRED if deferred is None else deferred)}
     if quantization is None:
         return pipeline.from_pretrained(directory, dtype=dtype, **skipped)
     config = json.loads((Path(directory) / "transformer" / "config.json").read_text())
@@ -95,16 +98,18 @@ def _on_meta(module) -> bool:
 
 class DiffusersFamily(ModelFamily):
     """Subclasses call `attach_pipeline(pipe)` with the loaded diffusers pipeline and implement
-    `generate_one`."""
+    `generate_one`. The VAE and the text encoder load when first used (`load_pipeline` defers them,
+    `load_component`), so a run that trains from a warm encoded cache never loads them (docs/memory.md#lazy-encoders);
+    `pipe` is the pipeline with everything loaded, `pipeline` as loaded so far."""
 
     def attach_pipeline(self, pipe) -> None:
-        self.pipe = pipe
+        self.pipeline = pipe
         pipe.set_progress_bar_config(disable=True)
         # nn.Module attributes so Lightning moves and checkpoints them; the pipeline shares them. The deferred
         # components (`load_pipeline`: meta placeholders or None) load when first used (`load_component`).
         self.transformer = pipe.transformer
         self.component_configs, self.component_classes = {}, {}
-        for name in DEFERRED:
+        for name in ENCODERS:
             module = getattr(pipe, name, None)
             if module is not None and not _on_meta(module):
                 setattr(self, name, module)  # built in memory or loaded eagerly
@@ -116,17 +121,26 @@ class DiffusersFamily(ModelFamily):
             pipe.register_modules(**{name: None})
         self.requires_grad_(False)
 
+    @property
+    def pipe(self):
+        """The diffusers pipeline with every component loaded (deferred ones load now): for code that runs the
+        pipeline as a whole. The family's own code uses `self.pipeline`, whose deferred components load only when a
+        step needs them (`load_component`)."""
+        for name in self.deferred_components():
+            getattr(self, name)
+        return self.pipeline
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             # `self.vae`, `self.text_encoder` before they loaded: load now (code outside the engine, `cogft`)
-            if name in DEFERRED and name in self.__dict__.get("component_classes", {}):
+            if name in ENCODERS and name in self.__dict__.get("component_classes", {}):
                 return self.load_component(name)
             raise
 
     def deferred_components(self) -> tuple[str, ...]:
-        return tuple(name for name in DEFERRED if name in self.component_classes)
+        return tuple(name for name in ENCODERS if name in self.component_classes)
 
     def component_config(self, name: str):
         """The config of the component `name` (e.g. the VAE's scaling factor), without loading it."""
@@ -145,7 +159,7 @@ class DiffusersFamily(ModelFamily):
         module.to(next(self.transformer.parameters()).device)
         self.configure_component(name, module)
         setattr(self, name, module)
-        self.pipe.register_modules(**{name: module})
+        self.pipeline.register_modules(**{name: module})
         return module
 
     def configure_component(self, name: str, module: nn.Module) -> None:
@@ -156,7 +170,7 @@ class DiffusersFamily(ModelFamily):
             return False
         self._modules.pop(name, None)
         self.__dict__.pop(name, None)
-        self.pipe.register_modules(**{name: None})
+        self.pipeline.register_modules(**{name: None})
         return True
 
     @property
@@ -176,7 +190,7 @@ class DiffusersFamily(ModelFamily):
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The pipeline's own `encode_prompt` as its `__call__` runs it (no negative prompt, guidance on): the
         prompt's and the empty negative prompt's embeddings, so a sample from them is the sample from the prompt."""
-        positive, negative = self.pipe.encode_prompt(
+        positive, negative = self.pipeline.encode_prompt(
             list(prompts), negative_prompt=None, do_classifier_free_guidance=True,
             max_sequence_length=self.max_sequence_length, device=self.text_encoder.device)
         return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
@@ -443,12 +457,12 @@ class DiffusersFamily(ModelFamily):
     def prepare_inference(self) -> None:
         """Eval mode, and the denoising steps' progress bar shown (the kit hides it during training)."""
         super().prepare_inference()
-        self.pipe.set_progress_bar_config(disable=False)
+        self.pipeline.set_progress_bar_config(disable=False)
 
     def generate_image(self, request: GenerationRequest, generator: torch.Generator,
                        num_inference_steps: int = 50, guidance_scale: float = 5.0) -> Sample:
         """An image at `self.height` x `self.width` (text-to-image families)."""
-        image = self.pipe(**self.prompt_arguments(request), height=self.height, width=self.width,
+        image = self.pipeline(**self.prompt_arguments(request), height=self.height, width=self.width,
                           max_sequence_length=self.max_sequence_length, generator=generator,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale).images[0]
         return Sample("image", image, request.prompt)
