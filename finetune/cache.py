@@ -333,7 +333,7 @@ class EncodeOnce:
                   and n not in family.training_components()]
         rank_zero_info("encoders before the first step: " + (
             ", ".join(loaded) + " loaded, parked on the CPU" + (" (module.keep_encoders=true)" if self.keep_encoders
-                                                                   else " (built in memory: not loaded again)")
+                                                                   else " (not deferred: they stay)")
             if loaded else "none loaded (module.keep_encoders=false; validation loads the VAE decoder, the text "
                            "encoder only for prompts not in the cache)"))
         samples.serving = self.serving = True

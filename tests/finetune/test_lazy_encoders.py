@@ -216,3 +216,37 @@ def test_outside_the_engine_a_deferred_encoder_loads_when_first_used(tiny_cogvid
     assert not family.component_loaded("text_encoder")  # the cached embeddings need no text encoder
     np.testing.assert_array_equal(from_cache, from_text)
     assert torch.isfinite(encoded["prompt_embeds"]).all()
+
+
+def test_cogview4_trains_from_a_warm_cache_without_glm_or_vae(tmp_path, monkeypatch):
+    """CogView4: the GLM text encoder and the VAE load for the cold run's encoding only."""
+    from diffusers import AutoencoderKL
+    from transformers import GlmModel
+
+    encoded = tmp_path / "encoded"
+    loads = StepMark.loads = Loads(monkeypatch, (AutoencoderKL, GlmModel))
+    StepMark.expect_freed = None
+    common = ("recipe=cogview4_lora", "data.demo_count=2")
+    run(tmp_path, "cold", encoded, *common, steps=1)
+    assert sorted(loads.names()) == ["AutoencoderKL", "GlmModel"]
+    loads.events.clear()
+    warm = run(tmp_path, "warm", encoded, *common, steps=1)
+    assert loads.events == [] and loaded(warm.family) == []
+
+
+def test_host_memory_bench_counts_the_published_components():
+    """bench/host_memory.py --sizes-only: the T5 v1.1 XXL encoder of CogVideoX counted from its config, by hand."""
+    import sys
+
+    sys.path.insert(0, str(__import__("conftest").REPO / "bench"))
+    from host_memory import main
+
+    rows = {row["model"]: row for row in main(["--sizes-only"])["real_size_gb"]}
+    d, ff, layers, vocab = 4096, 10240, 24, 32128
+    t5 = vocab * d + layers * (4 * d * d + 3 * d * ff + 2 * d) + 32 * 64 + d  # embeddings, blocks, bias, final norm
+    assert rows["CogVideoX-5B"]["text_encoder"] == round(2 * t5 / 1e9, 2) == 9.52
+    five = rows["CogVideoX-5B"]
+    assert five["eager_host_gb_per_rank"] == round(five["vae"] + five["text_encoder"], 2)  # what lazy leaves unloaded
+    assert abs(five["eager_8_ranks_gb"] - 8 * five["eager_host_gb_per_rank"]) < 0.1 and five["lazy_warm_host_gb_per_rank"] == 0
+    assert rows["CogVLM-17B"]["eager_host_gb_per_rank"] == 0.0  # no encoder to defer: its ViT runs every step
+    assert 12 < rows["CogView4-6B"]["transformer"] < 13.5 and 17 < rows["CogView4-6B"]["text_encoder"] < 18
