@@ -4,7 +4,11 @@ each of its hooks; a data module takes part only through `sample_index` (`finetu
 
 - `EncodeOnce`: decides whether a run encodes once (the cache is on, the family has a `cache_namespace`, the data
   module indexes its samples), parks the family's encoders out of the module tree, runs the precompute pass, serves
-  the cached encodings to the training loader and brings the encoders to the device where they run meanwhile.
+  the cached encodings to the training loader and brings the encoders to the device where they run meanwhile. Lazy
+  encoders: a family's `deferred_components` (the diffusion families' VAE and text encoder) load only when a step
+  runs them -- a warm cache loads none before validation, which reads the prompts' embeddings from the cache too
+  (`prompt_key`, `precompute_prompts`) -- and are released after each use unless `module.keep_encoders`
+  (docs/memory.md#lazy-encoders).
 - `EncodedCache`: one safetensors file per sample, `<directory>/<digest(namespace)>/<digest(key)>.safetensors`. The
   namespace is everything the encodings depend on besides the sample -- the family's `cache_namespace()` (model path
   and the encoders' files, dtype, sizes, text length, VAE tiling) and the kit's version (added by
