@@ -323,14 +323,16 @@ class EncodeOnce:
         whole = contextlib.nullcontext() if collective else full_parameters(trainer, module)
         names = tuple(dict.fromkeys(family.encoder_names() + family.prompt_components()))
         try:
-            with whole, global_rng_untouched(), trainer.precision_plugin.forward_context():
-                if family.prompt_components():
+            with whole, global_rng_untouched():
+                if family.prompt_components():  # as validation sampling encodes them: outside the training precision
                     precompute_prompts(self.store, self.prompts, family.encode_prompts, trainer.global_rank,
                                        trainer.world_size,
                                        prepare=lambda: self._bring(family.prompt_components(), device))
-                precompute(self.store, datamodule, encode, rank=trainer.global_rank, world_size=trainer.world_size,
-                           barrier=trainer.strategy.barrier, progress=trainer.is_global_zero,
-                           prepare=lambda: self._bring(family.encoder_names(), device))
+                with trainer.precision_plugin.forward_context():
+                    precompute(self.store, datamodule, encode, rank=trainer.global_rank,
+                               world_size=trainer.world_size, barrier=trainer.strategy.barrier,
+                               progress=trainer.is_global_zero,
+                               prepare=lambda: self._bring(family.encoder_names(), device))
         finally:
             self._put_away(names)
         loaded = [n for n in dict.fromkeys(names + family.deferred_components()) if family.component_loaded(n)
@@ -353,6 +355,9 @@ class EncodeOnce:
         import dataclasses
 
         family = self.family
+        if not requests:  # this rank draws nothing (the requests are split across ranks): it loads nothing
+            yield requests
+            return
         if not self.active:  # the encoders are in the module tree, moved by the strategy
             with self.encoders_on_device(device):
                 yield requests

@@ -246,7 +246,15 @@ def test_host_memory_bench_counts_the_published_components():
     t5 = vocab * d + layers * (4 * d * d + 3 * d * ff + 2 * d) + 32 * 64 + d  # embeddings, blocks, bias, final norm
     assert rows["CogVideoX-5B"]["text_encoder"] == round(2 * t5 / 1e9, 2) == 9.52
     five = rows["CogVideoX-5B"]
-    assert five["eager_host_gb_per_rank"] == round(five["vae"] + five["text_encoder"], 2)  # what lazy leaves unloaded
+    assert abs(five["eager_host_gb_per_rank"] - five["vae"] - five["text_encoder"]) < 0.02  # what lazy leaves unloaded
     assert abs(five["eager_8_ranks_gb"] - 8 * five["eager_host_gb_per_rank"]) < 0.1 and five["lazy_warm_host_gb_per_rank"] == 0
     assert rows["CogVLM-17B"]["eager_host_gb_per_rank"] == 0.0  # no encoder to defer: its ViT runs every step
     assert 12 < rows["CogView4-6B"]["transformer"] < 13.5 and 17 < rows["CogView4-6B"]["text_encoder"] < 18
+
+
+def test_keep_encoders_is_a_checked_setting():
+    from finetune.settings.check import config_problems
+
+    assert config_problems(compose(["recipe=cogvideox_lora", "preset=tiny", "module.keep_encoders=maybe"])) == [
+        "module.keep_encoders=maybe: expected true or false, e.g. module.keep_encoders=false"]
+    assert config_problems(compose(["recipe=cogvideox_lora", "preset=tiny", "module.keep_encoders=true"])) == []
