@@ -258,3 +258,22 @@ def test_keep_encoders_is_a_checked_setting():
     assert config_problems(compose(["recipe=cogvideox_lora", "preset=tiny", "module.keep_encoders=maybe"])) == [
         "module.keep_encoders=maybe: expected true or false, e.g. module.keep_encoders=false"]
     assert config_problems(compose(["recipe=cogvideox_lora", "preset=tiny", "module.keep_encoders=true"])) == []
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.5])
+def test_cogview4_samples_from_cached_prompt_embeddings_are_the_text_encoders(tmp_path, guidance):
+    """CogView4 (GLM embeddings padded to a multiple of 16, the negative prompt's separately): a sample drawn from
+    `encode_prompts`' embeddings, without the text encoder, is the one drawn from the prompt."""
+    from test_cogview4 import tiny_family
+
+    from finetune.family import GenerationRequest
+
+    family = tiny_family()
+    prompt = "a red square on a blue ground"
+    embeddings = {k: v[:1] for k, v in family.encode_prompts([prompt]).items()}
+    kwargs = dict(num_inference_steps=2, guidance_scale=guidance)
+    from_text = family.generate([GenerationRequest(prompt)], seed=1, **kwargs)[0].data
+    family.release_component("text_encoder")
+    from_cache = family.generate([GenerationRequest(prompt, embeddings=embeddings)], seed=1, **kwargs)[0].data
+    assert not family.component_loaded("text_encoder")
+    np.testing.assert_array_equal(np.asarray(from_cache), np.asarray(from_text))
