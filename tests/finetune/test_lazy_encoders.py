@@ -277,3 +277,14 @@ def test_cogview4_samples_from_cached_prompt_embeddings_are_the_text_encoders(tm
     from_cache = family.generate([GenerationRequest(prompt, embeddings=embeddings)], seed=1, **kwargs)[0].data
     assert not family.component_loaded("text_encoder")
     np.testing.assert_array_equal(np.asarray(from_cache), np.asarray(from_text))
+
+
+def test_image_to_video_warm_run_loads_the_vae_once_and_no_text_encoder(tiny_cogvideox, tmp_path, monkeypatch):
+    encoded = tmp_path / "encoded"
+    loads = StepMark.loads = Loads(monkeypatch)
+    StepMark.expect_freed = None
+    run(tmp_path, "cold", encoded, "recipe=cogvideox_i2v_lora", steps=1)
+    loads.events.clear()
+    warm = run(tmp_path, "warm", encoded, "recipe=cogvideox_i2v_lora", steps=1)
+    assert loads.events == [("AutoencoderKLCogVideoX", None)]  # at the start, for the noisy image of every step
+    assert loaded(warm.family) == ["vae"] and "vae" in dict(warm.family.named_children())
