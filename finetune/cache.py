@@ -408,16 +408,18 @@ class EncodeOnce:
 
     def _put_away(self, names) -> None:
         """The parked components `names` released (`keep_encoders`: kept, on the CPU)."""
-        moved = False
+        moved = released = False
         for name in names:
             if name not in self.parked:
                 continue
             moved = moved or any(p.is_cuda for p in self.parked[name].parameters())
             if not self.keep_encoders and self.family.release_component(name):
                 del self.parked[name]
+                released = True
             else:
                 self.parked[name].to("cpu")
-        gc.collect()
+        if released:  # their memory back now, not at the next collection
+            gc.collect()
         if moved and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
