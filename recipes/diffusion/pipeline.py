@@ -107,19 +107,35 @@ class DiffusersFamily(ModelFamily):
         pipe.set_progress_bar_config(disable=True)
         # nn.Module attributes so Lightning moves and checkpoints them; the pipeline shares them. The deferred
         # components (`load_pipeline`: meta placeholders or None) load when first used (`load_component`).
+        # A subclass may attach another pipeline class built from `pipeline_components()` (CogView4 control): what
+        # the first attach learnt of the deferred components (their classes, meta placeholders) is kept.
         self.transformer = pipe.transformer
-        self.component_configs, self.component_classes = {}, {}
+        previous = self.__dict__.get("component_placeholders", {}), self.__dict__.get("component_classes", {})
+        self.component_placeholders, self.component_classes = {}, {}
         for name in ENCODERS:
             module = getattr(pipe, name, None)
             if module is not None and not _on_meta(module):
                 setattr(self, name, module)  # built in memory or loaded eagerly
                 continue
-            if module is not None:
-                self.component_configs[name] = module.config
-            if getattr(self, "checkpoint_dir", None):
+            placeholder_module = module if module is not None else previous[0].get(name)
+            if placeholder_module is not None:
+                self.component_placeholders[name] = placeholder_module
+            if name in previous[1]:
+                self.component_classes[name] = previous[1][name]
+            elif getattr(self, "checkpoint_dir", None):
                 self.component_classes[name] = component_class(self.checkpoint_dir, name)
             pipe.register_modules(**{name: None})
         self.requires_grad_(False)
+
+    def pipeline_components(self) -> dict:
+        """The pipeline's components, each deferred one not loaded yet as its meta placeholder (no memory): what a
+        subclass passes to another pipeline class (`CogView4ControlPipeline(**family.pipeline_components())`) before
+        `attach_pipeline`, so that the new pipeline reads the right VAE scale factors and nothing loads."""
+        components = dict(self.pipeline.components)
+        for name, module in self.component_placeholders.items():
+            if components.get(name) is None:
+                components[name] = module
+        return components
 
     @property
     def pipe(self):
@@ -146,7 +162,7 @@ class DiffusersFamily(ModelFamily):
         """The config of the component `name` (e.g. the VAE's scaling factor), without loading it."""
         if self.component_loaded(name):
             return getattr(self, name).config
-        return self.component_configs[name]
+        return self.component_placeholders[name].config
 
     def load_component(self, name: str) -> nn.Module:
         """`name` from `checkpoint_dir/name` as `Pipeline.from_pretrained` loads it (the class `model_index.json`

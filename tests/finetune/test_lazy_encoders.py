@@ -288,3 +288,18 @@ def test_image_to_video_warm_run_loads_the_vae_once_and_no_text_encoder(tiny_cog
     warm = run(tmp_path, "warm", encoded, "recipe=cogvideox_i2v_lora", steps=1)
     assert loads.events == [("AutoencoderKLCogVideoX", None)]  # at the start, for the noisy image of every step
     assert loaded(warm.family) == ["vae"] and "vae" in dict(warm.family.named_children())
+
+
+def test_a_subclass_can_attach_another_pipeline_class_and_stay_lazy():
+    """What a CogView4 subclass with its own pipeline class does (`CogView4ControlPipeline`): built from
+    `pipeline_components()`, the deferred components stay unloaded, with the VAE's scale factor and config."""
+    from diffusers import CogView4ControlPipeline
+    from test_cogview4 import tiny_family
+
+    family = tiny_family()
+    scale = family.pipeline.vae_scale_factor
+    family.attach_pipeline(CogView4ControlPipeline(**family.pipeline_components()))
+    assert type(family.pipeline) is CogView4ControlPipeline and loaded(family) == []
+    assert family.deferred_components() == ("vae", "text_encoder") and family.pipeline.vae_scale_factor == scale
+    assert family.component_config("vae").scaling_factor == family.vae.config.scaling_factor  # then loaded
+    assert family.pipeline.vae is family.vae and loaded(family) == ["vae"]
