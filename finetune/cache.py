@@ -4,7 +4,11 @@ each of its hooks; a data module takes part only through `sample_index` (`finetu
 
 - `EncodeOnce`: decides whether a run encodes once (the cache is on, the family has a `cache_namespace`, the data
   module indexes its samples), parks the family's encoders out of the module tree, runs the precompute pass, serves
-  the cached encodings to the training loader and brings the encoders to the device where they run meanwhile.
+  the cached encodings to the training loader and brings the encoders to the device where they run meanwhile. Lazy
+  encoders: a family's `deferred_components` (the diffusion families' VAE and text encoder) load only when a step
+  runs them -- a warm cache loads none before validation, which reads the prompts' embeddings from the cache too
+  (`prompt_key`, `precompute_prompts`) -- and are released after each use unless `module.keep_encoders`
+  (docs/memory.md#lazy-encoders).
 - `EncodedCache`: one safetensors file per sample, `<directory>/<digest(namespace)>/<digest(key)>.safetensors`. The
   namespace is everything the encodings depend on besides the sample -- the family's `cache_namespace()` (model path
   and the encoders' files, dtype, sizes, text length, VAE tiling) and the kit's version (added by
@@ -28,6 +32,7 @@ of T5 embeddings per sample, `bench/encode_cache.py`).
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import os
 from pathlib import Path
@@ -168,12 +173,15 @@ def decoded_samples(dataset: Dataset) -> Dataset:
 
 
 def precompute(cache: EncodedCache, datamodule, encode: Callable[[dict], dict], rank: int = 0, world_size: int = 1,
-               barrier: Callable[[], None] | None = None, progress: bool = True) -> int:
+               barrier: Callable[[], None] | None = None, progress: bool = True,
+               prepare: Callable[[], None] | None = None) -> int:
     """Write `encode(batch)` for every training sample of `datamodule` (a `finetune.data.FamilyDataModule` after
     `setup`, decoding) that `cache` lacks; returns how many samples this process encoded.
 
     With several processes, rank r encodes the missing samples i with i % world_size == r; after `barrier` each
-    encodes whatever is still missing (nothing, unless the nodes do not share `cache.directory`)."""
+    encodes whatever is still missing (nothing, unless the nodes do not share `cache.directory`). `prepare` runs
+    once before this process encodes its first sample (it loads the encoders: a process with nothing to encode loads
+    none)."""
     keys = [key for key, _ in datamodule.sample_index()]
     first = {}  # a sample listed several times (data.roots repeats) is encoded once
     missing = [i for i in cache.missing(keys) if first.setdefault(keys[i], i) == i]
@@ -181,18 +189,40 @@ def precompute(cache: EncodedCache, datamodule, encode: Callable[[dict], dict], 
     if rank == 0:
         rank_zero_info(f"encoded cache: {cache.directory} ({len(keys) - len(missing)} of {len(keys)} samples present"
                        + ("; encoding the others once, before training)" if missing else ")"))
-    done = _encode(cache, datamodule, encode, mine, progress)
+    done = _encode(cache, datamodule, encode, mine, progress, prepare)
     if world_size > 1:
         if barrier is not None:
             barrier()
         done += _encode(cache, datamodule, encode, [i for i in cache.missing(keys) if first.get(keys[i], i) == i],
-                        progress)
+                        progress, prepare)
     return done
 
 
-def _encode(cache: EncodedCache, datamodule, encode, indices: list[int], progress: bool) -> int:
+def empty_prompt_encoding(cache: EncodedCache, datamodule, encode, prompt_keys: tuple[str, ...],
+                          prepare: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
+    """Caption dropout's empty prompt (`finetune.dropout`): the prompt encodings of "" (one sample's, no batch
+    dimension), read from `cache` under `EMPTY_PROMPT_KEY`, or encoded once (the first training sample's media with
+    the prompt "") and written there; `prepare` runs first then (it loads the encoders)."""
+    from finetune.dropout import EMPTY_PROMPT_KEY
+
+    if cache.has(EMPTY_PROMPT_KEY):
+        return {k: v for k, v in cache.read(EMPTY_PROMPT_KEY).items() if k in prompt_keys}
+    if prepare is not None:
+        prepare()
+    sample = dict(decoded_samples(datamodule.dataset)[0])
+    sample["prompt"] = ""
+    batch = datamodule.require_processor().collate([sample])
+    encoded = encode(batch)
+    kept = {k: encoded[k] for k in prompt_keys}
+    cache.write([EMPTY_PROMPT_KEY], kept)
+    return {k: v[0].detach().cpu() for k, v in kept.items()}
+
+
+def _encode(cache: EncodedCache, datamodule, encode, indices: list[int], progress: bool, prepare=None) -> int:
     if not indices:
         return 0
+    if prepare is not None:
+        prepare()
     from tqdm.auto import tqdm
 
     done = 0
@@ -222,38 +252,79 @@ def encoding_loader(datamodule, indices: list[int]) -> Iterable[dict]:
                       generator=torch.Generator())
 
 
+def prompt_key(prompt: str) -> str:
+    """The cache key of a validation prompt's embeddings (`ModelFamily.encode_prompts`), in the namespace of the
+    samples' encodings: the same model, encoder files, dtype and text length."""
+    return f"validation-prompt|{_digest(prompt)}"
+
+
+def precompute_prompts(cache: EncodedCache, prompts: list[str], encode: Callable[[list[str]], dict], rank: int = 0,
+                       world_size: int = 1, prepare: Callable[[], None] | None = None) -> int:
+    """Write `encode([prompt])` for every prompt that `cache` lacks (rank r the missing prompts i with
+    i % world_size == r); returns how many this process encoded. `prepare` runs before the first."""
+    missing = [p for p in dict.fromkeys(prompts) if not cache.has(prompt_key(p))]
+    mine = missing[rank::world_size]
+    if mine and prepare is not None:
+        prepare()
+    for prompt in mine:
+        cache.write([prompt_key(prompt)], encode([prompt]))
+    return len(mine)
+
+
 class EncodeOnce:
-    """Encode once, as one component: `FinetuneModule` builds it from `module.cache` and `module.cache_dir` and calls
-    it once from each hook (`setup`, `on_fit_start`, `teardown`, the training step's `encode`,
-    `encoders_on_device`).
+    """Encode once, as one component: `FinetuneModule` builds it from `module.cache`, `module.cache_dir` and
+    `module.keep_encoders` and calls it once from each hook (`setup`, `on_fit_start`, `teardown`, the training
+    step's `encode`, `generation_inputs`).
 
     - `setup` (before the strategy moves, wraps or shards the module): a fit encodes once when the cache is on, the
       family has a `cache_namespace` and the data module indexes its samples (`sample_index`); then the family's
-      `encoders()` leave the module tree (parked on the CPU, still attributes of the family by the same name) and
-      the data module's training dataset is wrapped (`EncodedSamples`).
+      encoders stay out of the module tree (parked on the CPU, still attributes of the family by the same name) and
+      the data module's training dataset is wrapped (`EncodedSamples`). Lazy encoders: the family's
+      `deferred_components` are not loaded here, except those `training_loss` runs itself (`training_components`,
+      an image-to-video VAE without `cache_image_latents`); without encode-once every deferred component loads.
     - `on_fit_start` (the module on its device, the processes connected, before any batch is loaded): the precompute
-      pass (each rank its share, the encoders on this rank's device, in the training precision, the parameters whole
-      under FSDP/ZeRO-3, the run's random state untouched), then the training loader reads the cached encodings.
+      pass of the samples and of the validation prompts (`expect_prompts`; each rank its share, the encoders on
+      this rank's device, in the training precision, the parameters whole under FSDP/ZeRO-3, the run's random state
+      untouched), then the training loader reads the cached encodings. The encoders load only on a rank with
+      something to encode, and are released before the first step unless `keep_encoders` (then parked on the CPU):
+      a warm cache loads none.
     - `encode(batch)`: what the training step trains on: the batch itself when it was read from the cache, else the
       family's encodings of it (`module.cache=off`, CogVLM, a data module without `sample_index`).
-    - `encoders_on_device(device)`: the parked encoders on the device while they run (validation samples).
-    - `teardown`: the encoders back in the module tree, the data module's decoding dataset back.
+    - `generation_inputs(requests, device)`: validation sampling: each request with its prompt's cached embeddings
+      (the text encoder loads only for a prompt not cached), and the components `generate` runs
+      (`validation_components`: the VAE) on the device meanwhile, released afterwards unless `keep_encoders`.
+    - `teardown`: the loaded encoders back in the module tree, the data module's decoding dataset back.
     """
 
-    def __init__(self, family, cache: Literal["on", "off"] | bool = "on", cache_dir: str | None = None):
+    def __init__(self, family, cache: Literal["on", "off"] | bool = "on", cache_dir: str | None = None,
+                 keep_encoders: bool = False):
         self.family = family
         self.store = encoded_cache(family, cache, cache_dir)  # None: every step encodes
+        self.keep_encoders = bool(keep_encoders)
         self.active = False  # decided in `setup`: this fit encodes once
         self.serving = False  # the training batches are the cached encodings (`on_fit_start`)
-        self.parked: dict[str, torch.nn.Module] = {}  # the family's encoders, kept out of the module tree
+        self.parked: dict[str, torch.nn.Module] = {}  # the family's loaded encoders, kept out of the module tree
+        self.prompts: list[str] = []  # the validation prompts, encoded with the samples (`expect_prompts`)
         self._wrapped: tuple | None = None  # (data module, its `EncodedSamples`) during a fit that encodes once
         self.empty_prompt: dict[str, torch.Tensor] | None = None  # caption dropout's "" (`on_fit_start`)
 
+    def expect_prompts(self, prompts: list[str]) -> None:
+        """The validation prompts of this run (`finetune.callbacks.ValidationSamples` tells them in its `setup`):
+        the precompute pass encodes those the cache lacks, so validation reads them and needs no text encoder."""
+        self.prompts = list(dict.fromkeys(prompts))
+
     def setup(self, trainer, stage: str) -> None:
+        family = self.family
         self.active = stage == "fit" and self.store is not None and _indexed(trainer.datamodule)
-        if self.active:
-            self._park(self.family.encoders())
-            self._wrapped = (trainer.datamodule, wrap_samples(trainer.datamodule, self.store))
+        if not self.active:  # every step (or evaluation) may run any encoder: all loaded, in the module tree
+            for name in family.deferred_components():
+                family.load_component(name)
+            return
+        for name, why in family.training_components().items():
+            family.load_component(name)
+            rank_zero_info(f"module.cache=on: the {name} stays loaded for the whole run: {why}.")
+        self._park([n for n in family.encoder_names() if family.component_loaded(n)])
+        self._wrapped = (trainer.datamodule, wrap_samples(trainer.datamodule, self.store))
 
     def on_fit_start(self, module, empty_prompt_keys: tuple[str, ...] = ()) -> None:
         """`empty_prompt_keys` (caption dropout, `finetune.dropout`): the prompt encodings of "" are also encoded
@@ -266,31 +337,83 @@ class EncodeOnce:
         from finetune.strategies import forward_is_collective
 
         trainer, (datamodule, samples) = module.trainer, self._wrapped
+        family, device = self.family, module.device
 
         def encode(batch: dict) -> dict:
-            return self.family.encode(move_data_to_device(batch, module.device))
+            return family.encode(move_data_to_device(batch, device))
 
         # whole parameters under FSDP/ZeRO-3 (an image-to-video VAE stays in the sharded module tree); FSDP2 shards
         # only the trainable network, which encoding does not run
         collective = forward_is_collective(trainer.strategy)
         whole = contextlib.nullcontext() if collective else full_parameters(trainer, module)
-        with (whole, self.encoders_on_device(module.device), global_rng_untouched(),
-              trainer.precision_plugin.forward_context()):
-            precompute(self.store, datamodule, encode, rank=trainer.global_rank, world_size=trainer.world_size,
-                       barrier=trainer.strategy.barrier, progress=trainer.is_global_zero)
-            if empty_prompt_keys:
-                from finetune.dropout import empty_prompt_encoding
-
-                self.empty_prompt = empty_prompt_encoding(self.store, datamodule, encode, empty_prompt_keys)
+        names = tuple(dict.fromkeys(family.encoder_names() + family.prompt_components()))
+        try:
+            with whole, global_rng_untouched():
+                if family.prompt_components():  # as validation sampling encodes them: outside the training precision
+                    precompute_prompts(self.store, self.prompts, family.encode_prompts, trainer.global_rank,
+                                       trainer.world_size,
+                                       prepare=lambda: self._bring(family.prompt_components(), device))
+                with trainer.precision_plugin.forward_context():
+                    precompute(self.store, datamodule, encode, rank=trainer.global_rank,
+                               world_size=trainer.world_size, barrier=trainer.strategy.barrier,
+                               progress=trainer.is_global_zero,
+                               prepare=lambda: self._bring(family.encoder_names(), device))
+                    if empty_prompt_keys:
+                        self.empty_prompt = empty_prompt_encoding(
+                            self.store, datamodule, encode, empty_prompt_keys,
+                            prepare=lambda: self._bring(family.encoder_names(), device))
+        finally:
+            self._put_away(names)
+        loaded = [n for n in dict.fromkeys(names + family.deferred_components()) if family.component_loaded(n)
+                  and n not in family.training_components()]
+        rank_zero_info("encoders before the first step: " + (
+            ", ".join(loaded) + " loaded, parked on the CPU" + (" (module.keep_encoders=true)" if self.keep_encoders
+                                                                   else " (not deferred: they stay)")
+            if loaded else "none loaded (module.keep_encoders=false; validation loads the VAE decoder, the text "
+                           "encoder only for prompts not in the cache)"))
         samples.serving = self.serving = True
 
     def encode(self, batch: dict) -> dict:
         return batch if self.serving else self.family.encode(batch)
 
     @contextlib.contextmanager
+    def generation_inputs(self, requests: list, device: torch.device):
+        """`requests` for the family's `generate`, with their prompts' cached embeddings (`GenerationRequest.
+        embeddings`; a prompt not in the cache is encoded and written first), and the components `generate`
+        runs on `device` meanwhile; afterwards released (`keep_encoders`: back on the CPU)."""
+        import dataclasses
+
+        family = self.family
+        if not requests:  # this rank draws nothing (the requests are split across ranks): it loads nothing
+            yield requests
+            return
+        if not self.active:  # the encoders are in the module tree, moved by the strategy
+            with self.encoders_on_device(device):
+                yield requests
+            return
+        brought: tuple[str, ...] = ()
+        try:
+            if family.prompt_components():
+                requests = [dataclasses.replace(r, embeddings=self._prompt_embeddings(r.prompt, device))
+                            for r in requests]
+                brought += family.prompt_components()
+            names = family.validation_components(all(r.embeddings is not None for r in requests))
+            self._bring(names, device)
+            brought += tuple(names)
+            yield requests
+        finally:
+            self._put_away(brought)
+
+    def _prompt_embeddings(self, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
+        key = prompt_key(prompt)
+        if not self.store.has(key):
+            self._bring(self.family.prompt_components(), device)
+            self.store.write([key], self.family.encode_prompts([prompt]))
+        return {name: value.unsqueeze(0) for name, value in self.store.read(key).items()}
+
+    @contextlib.contextmanager
     def encoders_on_device(self, device: torch.device):
-        """The parked encoders on `device` while they run (the precompute pass, validation samples), back on the
-        CPU afterwards."""
+        """The parked encoders on `device` while they run, back on the CPU afterwards."""
         for encoder in self.parked.values():
             encoder.to(device)
         try:
@@ -301,21 +424,50 @@ class EncodeOnce:
             if device.type == "cuda" and self.parked:
                 torch.cuda.empty_cache()
 
+    def _bring(self, names, device: torch.device) -> None:
+        """The components `names` on `device`, out of the module tree: parked ones moved, deferred ones loaded.
+        One in the module tree (an image-to-video VAE) is the strategy's and stays."""
+        for name in names:
+            if name in self.parked:
+                self.parked[name].to(device)
+            elif not self.family.component_loaded(name):
+                self.family.load_component(name)
+                self._park([name])
+                self.parked[name].to(device)
+
+    def _put_away(self, names) -> None:
+        """The parked components `names` released (`keep_encoders`: kept, on the CPU)."""
+        moved = released = False
+        for name in names:
+            if name not in self.parked:
+                continue
+            moved = moved or any(p.is_cuda for p in self.parked[name].parameters())
+            if not self.keep_encoders and self.family.release_component(name):
+                del self.parked[name]
+                released = True
+            else:
+                self.parked[name].to("cpu")
+        if released:  # their memory back now, not at the next collection
+            gc.collect()
+        if moved and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def teardown(self) -> None:
         if self._wrapped is not None:  # the data module's own dataset back
             datamodule, samples = self._wrapped
             datamodule.dataset = samples.decoded
         self._wrapped, self.serving = None, False
         for name, child in self.parked.items():
-            del self.family.__dict__[name]
+            self.family.__dict__.pop(name, None)
             self.family._modules[name] = child
         self.parked = {}
 
-    def _park(self, encoders: list[torch.nn.Module]) -> None:
-        """The family's encoders out of the module tree, on the CPU: the strategy never moves, wraps or shards them.
-        They stay attributes of the family (and of its pipeline), by the same name."""
-        for name, child in list(self.family._modules.items()):
-            if any(child is encoder for encoder in encoders):
+    def _park(self, names) -> None:
+        """The family's loaded components `names` out of the module tree, on the CPU: the strategy never moves,
+        wraps or shards them. They stay attributes of the family (and of its pipeline), by the same name."""
+        for name in names:
+            child = self.family._modules.get(name)
+            if child is not None:
                 del self.family._modules[name]
                 object.__setattr__(self.family, name, child.to("cpu"))
                 self.parked[name] = child

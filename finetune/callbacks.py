@@ -108,11 +108,20 @@ class ValidationSamples(L.Callback):
         # the encoders that training from the encoded cache keeps on the CPU: they come to the device meanwhile.
         # The EMA in for the trained samples, if asked (docs/tracking.md#ema); the baseline turns the adapter off.
         weights = adapter_off if adapter_off is not None else validation_weights(trainer, module)
-        with (weights, self._whole_weights(trainer, module), module.encoders_on_device(),
+        # A module without `generation_inputs` (another LightningModule) runs its family's encoders as they are.
+        inputs = getattr(module, "generation_inputs", lambda requests: contextlib.nullcontext(requests))
+        with (weights, self._whole_weights(trainer, module), inputs(mine) as mine,
               torch.random.fork_rng(devices=[]), torch.no_grad()):
             samples = module.family.generate(mine, seed=self.seed + start, **self.generate_kwargs) if mine else []
         module.train(was_training)
         return gather_to_rank_zero(trainer, samples, sharded=self.splits(trainer))
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        # Before the module's `setup`: the encode-once pass encodes the prompts with the samples, so that validation
+        # reads their embeddings from the cache and needs no text encoder (docs/memory.md#lazy-encoders).
+        cache = getattr(module, "cache", None)
+        if hasattr(cache, "expect_prompts"):
+            cache.expect_prompts([request.prompt for request in self.requests])
 
     def _sample(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step

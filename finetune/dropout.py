@@ -58,18 +58,3 @@ class CaptionDropout:
             out[name] = torch.where(where, empty.unsqueeze(0).expand_as(value), value)
         return out
 
-
-def empty_prompt_encoding(cache, datamodule, encode, prompt_keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The prompt encodings of "" (one sample's, no batch dimension): read from `cache` under `EMPTY_PROMPT_KEY`, or
-    encoded once (the first training sample's media with the prompt "") and written there."""
-    from finetune.cache import decoded_samples
-
-    if cache.has(EMPTY_PROMPT_KEY):
-        return {k: v for k, v in cache.read(EMPTY_PROMPT_KEY).items() if k in prompt_keys}
-    sample = dict(decoded_samples(datamodule.dataset)[0])
-    sample["prompt"] = ""
-    batch = datamodule.require_processor().collate([sample])
-    encoded = encode(batch)
-    kept = {k: encoded[k] for k in prompt_keys}
-    cache.write([EMPTY_PROMPT_KEY], kept)
-    return {k: v[0].detach().cpu() for k, v in kept.items()}

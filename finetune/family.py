@@ -8,7 +8,9 @@ Required: `trainable_module`, `encode`, `training_loss`, `export`. Optional: `da
 must look like, before any weights load), `cache_namespace` (encodings are computed once and cached:
 `finetune/cache.py`) with `encoders` (what only encoding needs, kept off the accelerator while training reads the
 cache), `generate` (validation samples), `evaluate` (metrics and per-sample rows on a validation batch),
-`load_adapter` (start from or evaluate an export), `local_checkpoint` with `trainable_module_names` (`model.path`
+`load_adapter` (start from or evaluate an export), `deferred_components` with `load_component`, `release_component`,
+`training_components`, `validation_components`, `prompt_components` and `encode_prompts` (encoders loaded only when
+a step needs them, validation prompts encoded once: `finetune.cache.EncodeOnce`), `local_checkpoint` with `trainable_module_names` (`model.path`
 resolved once by `finetune.run.build`, the folder handed to `data_processor`, `trainable_module_names` and the
 constructor as `checkpoint`), `export_format` with `export_formats` and `lora_names` (other LoRA file layouts: the
 `cogft` command and `callbacks.export.formats`). What the `cogft` command asks besides: `merge_loras` and
@@ -40,6 +42,9 @@ class GenerationRequest:
     prompt: str
     image: Any = None
     media: dict[str, Any] = field(default_factory=dict)
+    #: the prompt's embeddings from the encoded cache (`ModelFamily.encode_prompts` of this prompt, batch of one);
+    #: None: `generate` runs the text encoder itself
+    embeddings: dict | None = None
 
 
 @dataclass
@@ -170,6 +175,52 @@ class ModelFamily(nn.Module, ABC):
         the strategy moves and wraps; it brings them to the accelerator for the precompute pass and for `generate`.
         A module `training_loss` also runs (an image-to-video VAE encoding its noisy image each step) is not one."""
         return []
+
+    # -- encoders loaded when a step needs them (`finetune.cache.EncodeOnce`, docs/memory.md#lazy-encoders) -------
+    def encoder_names(self) -> tuple[str, ...]:
+        """The attribute names of `encoders()`, told without loading any of them. Default: the children that
+        `encoders()` returns (a family whose constructor loads everything)."""
+        encoders = self.encoders()
+        return tuple(name for name, child in self._modules.items() if any(child is e for e in encoders))
+
+    def deferred_components(self) -> tuple[str, ...]:
+        """The frozen components (attribute names) the constructor did not load: each loads when first used
+        (`load_component`) and may be released again (`release_component`). Default: none, all loaded."""
+        return ()
+
+    def component_loaded(self, name: str) -> bool:
+        """Whether the component `name` is in memory (in the module tree, or parked out of it by the engine)."""
+        return self._modules.get(name) is not None or isinstance(self.__dict__.get(name), nn.Module)
+
+    def load_component(self, name: str) -> nn.Module:
+        """Load the deferred component `name` from the checkpoint (in the family's dtype, on the device of the
+        trainable network), as a child of the family (and of its pipeline); returns it."""
+        raise NotImplementedError(f"{type(self).__name__} defers no component {name!r}")
+
+    def release_component(self, name: str) -> bool:
+        """Drop the loaded component `name` (the family and its pipeline keep no reference), so that its memory is
+        freed; `load_component` loads it again. False: it cannot be loaded again (built in memory) and stays."""
+        return False
+
+    def training_components(self) -> dict[str, str]:
+        """The deferred components `training_loss` runs itself, each with why (an image-to-video VAE encoding its
+        noisy image each step): loaded before the strategy moves the module, for the whole run. Default: none."""
+        return {}
+
+    def validation_components(self, prompts_cached: bool) -> tuple[str, ...]:
+        """The components `generate` runs: with `prompts_cached` (every request carries its `embeddings`) the text
+        encoder is not among them. Default: `encoder_names()`."""
+        return self.encoder_names()
+
+    def prompt_components(self) -> tuple[str, ...]:
+        """The components `encode_prompts` runs (the text encoder); () (the default): the family does not encode
+        validation prompts ahead, its `generate` encodes them."""
+        return ()
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """What `generate` needs of each prompt (its embeddings and the negative prompt's), batch first: cached
+        like the samples' encodings, and given back to `generate` as `GenerationRequest.embeddings`."""
+        raise NotImplementedError(f"{type(self).__name__} does not encode prompts ahead of generate")
 
     def generate(self, requests: list[GenerationRequest], seed: int, **kwargs) -> list[Sample]:
         """Validation samples from the current weights; request i uses seed + i."""

@@ -31,6 +31,10 @@ class FinetuneModule(L.LightningModule):
             (`finetune.cache.EncodeOnce`); `off`: decode and encode every batch each step. Families without a
             `cache_namespace` (no frozen encoder, e.g. CogVLM) and data modules without a `sample_index` always do
             the latter.
+        keep_encoders: with encode-once, keep the encoders a cold run loaded (and those validation loaded) in host
+            memory, parked on the CPU, between the times they run; false (the default): release them after the
+            precompute pass and after each validation, and load them again when a step needs them: a warm cache
+            loads no text encoder and no VAE before validation (docs/memory.md#lazy-encoders).
         cache_dir: where the encodings are kept; None: `<kit cache root>/encoded` ($COGFT_CACHE, by default
             ~/.cache/cog-finetune). Runs share it: entries are keyed by everything they depend on.
         seed: the run's seed; with several processes each rank draws from its own stream derived from it
@@ -46,7 +50,7 @@ class FinetuneModule(L.LightningModule):
     def __init__(self, family: ModelFamily, adapter: LoRA | Full, optimizer: Callable,
                  lr_scheduler: Callable | None = None, enable_gradient_checkpointing: bool = False,
                  cache: Literal["on", "off"] | bool = "on", cache_dir: str | None = None, seed: int | None = None,
-                 fp8_base: bool = False, blocks_to_swap: int = 0):
+                 fp8_base: bool = False, blocks_to_swap: int = 0, keep_encoders: bool = False):
         super().__init__()
         self.seed = seed
         if fp8_base:  # before the LoRA exists: only the base layers get the float8 storage
@@ -62,7 +66,7 @@ class FinetuneModule(L.LightningModule):
         adapter.apply(family.trainable_module(), family.lora_target_modules)
         if enable_gradient_checkpointing:
             family.enable_gradient_checkpointing()
-        self.cache = EncodeOnce(family, cache, cache_dir)  # encode once: called once from each hook below
+        self.cache = EncodeOnce(family, cache, cache_dir, keep_encoders)  # encode once: called once from each hook below
         self.caption_dropout: CaptionDropout | None = None  # data.caption_dropout, from `on_fit_start`
         # Checkpoints hold only trainable weights; the frozen base comes from model.path again.
         self.strict_loading = False
@@ -124,6 +128,11 @@ class FinetuneModule(L.LightningModule):
         """The family's encoders that training from the encoded cache keeps on the CPU, on this module's device while
         they run (validation samples), back on the CPU afterwards."""
         return self.cache.encoders_on_device(self.device)
+
+    def generation_inputs(self, requests: list):
+        """Validation sampling's requests with their prompts' cached embeddings, and the components the family's
+        `generate` runs on this module's device meanwhile (`finetune.cache.EncodeOnce.generation_inputs`)."""
+        return self.cache.generation_inputs(requests, self.device)
 
     def encode(self, batch: dict) -> dict:
         """The family's encodings of a batch: the batch itself when it was read from the encoded cache."""

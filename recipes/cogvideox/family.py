@@ -141,9 +141,13 @@ class CogVideoX(DiffusersFamily):
         # The training scheduler of the official finetune; same alphas as the shipped DDIM config.
         self.scheduler = diffusers.CogVideoXDPMScheduler.from_config(pipeline.scheduler.config)
         self.enable_vae_tiling = enable_vae_tiling
-        if enable_vae_tiling:
-            self.vae.enable_slicing()
-            self.vae.enable_tiling()
+        if self.component_loaded("vae"):  # built in memory; a deferred VAE is configured as it loads
+            self.configure_component("vae", self.vae)
+
+    def configure_component(self, name: str, module) -> None:
+        if name == "vae" and self.enable_vae_tiling:
+            module.enable_slicing()
+            module.enable_tiling()
 
     @classmethod
     def from_pipeline(cls, pipe, height: int, width: int, num_frames: int, max_sequence_length: int = 226,
@@ -187,7 +191,7 @@ class CogVideoX(DiffusersFamily):
         (mean and logvar, so a cache still samples fresh latents each step) and T5 embeddings."""
         video = batch["video"].to(self.vae.device, self.vae.dtype).permute(0, 2, 1, 3, 4)  # [B, C, F, H, W]
         posterior = self.vae.encode(video).latent_dist
-        prompt_embeds, _ = self.pipe.encode_prompt(
+        prompt_embeds, _ = self.pipeline.encode_prompt(
             list(batch["prompt"]), do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length, device=self.text_encoder.device)
         return {"latent_mean": posterior.mean, "latent_logvar": posterior.logvar, "prompt_embeds": prompt_embeds}
@@ -195,7 +199,7 @@ class CogVideoX(DiffusersFamily):
     # -- objective ------------------------------------------------------------------------------
     def sample_latents(self, encoded: dict) -> torch.Tensor:
         """`latent_dist.sample() * scaling_factor` laid out [B, F, C, H, W]."""
-        latents = sample_latents(encoded, self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4)
+        latents = sample_latents(encoded, self.component_config("vae").scaling_factor).permute(0, 2, 1, 3, 4)
         p_t = self.transformer.config.patch_size_t
         if p_t is not None and latents.shape[1] % p_t:
             # CogVideoX1.5: prepend copies of the first latent frame to make the count divisible.
@@ -208,8 +212,8 @@ class CogVideoX(DiffusersFamily):
             return None
         # The inference pipeline's own function, so training sees the positions inference will use.
         _, frames, _, h, w = latents.shape
-        scale = self.pipe.vae_scale_factor_spatial
-        return self.pipe._prepare_rotary_positional_embeddings(h * scale, w * scale, frames, latents.device)
+        scale = self.pipeline.vae_scale_factor_spatial
+        return self.pipeline._prepare_rotary_positional_embeddings(h * scale, w * scale, frames, latents.device)
 
     def conditioning(self, x_t: torch.Tensor, encoded: dict) -> tuple[torch.Tensor, dict]:
         """The transformer's input for the noisy latents and any extra keyword arguments. Text-to-video: the
@@ -233,7 +237,7 @@ class CogVideoX(DiffusersFamily):
     # -- sampling -------------------------------------------------------------------------------
     def generate_one(self, request: GenerationRequest, generator: torch.Generator, num_inference_steps: int = 50,
                      guidance_scale: float = 6.0, fps: int = 8) -> Sample:
-        frames = self.pipe(request.prompt, height=self.height, width=self.width, num_frames=self.num_frames,
+        frames = self.pipeline(**self.prompt_arguments(request), height=self.height, width=self.width, num_frames=self.num_frames,
                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                            max_sequence_length=self.max_sequence_length, generator=generator,
                            output_type="np").frames[0]

@@ -68,9 +68,15 @@ class CogVideoXImageToVideo(CogVideoX):
     def cache_namespace(self) -> str:
         return f"{super().cache_namespace()}|image_latents={self.cache_image_latents}"
 
-    def encoders(self) -> list:
+    def encoder_names(self) -> tuple[str, ...]:
         """The text encoder; the VAE too with `cache_image_latents` (else it encodes the noisy image every step)."""
-        return [self.vae, self.text_encoder] if self.cache_image_latents else [self.text_encoder]
+        return ("vae", "text_encoder") if self.cache_image_latents else ("text_encoder",)
+
+    def training_components(self) -> dict[str, str]:
+        if self.cache_image_latents:
+            return {}
+        return {"vae": "image-to-video encodes the noisy conditioning image with the VAE every step; "
+                       "model.cache_image_latents=true caches the image latents and frees it"}
 
     @torch.no_grad()
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -107,8 +113,9 @@ class CogVideoXImageToVideo(CogVideoX):
             posterior = self.vae.encode(noisy.unsqueeze(2).to(self.vae.dtype)).latent_dist
             latents = posterior.sample(generator)
         latents = latents.permute(0, 2, 1, 3, 4).float()  # [B, 1, C, h, w]
-        scaling = self.vae.config.scaling_factor
-        latents = (1 / scaling) * latents if self.vae.config.invert_scale_latents else scaling * latents
+        config = self.component_config("vae")
+        scaling = config.scaling_factor
+        latents = (1 / scaling) * latents if config.invert_scale_latents else scaling * latents
         padding = latents.new_zeros(latents.shape[0], frames - 1, *latents.shape[2:])
         return torch.cat([latents, padding], dim=1)
 
@@ -127,7 +134,7 @@ class CogVideoXImageToVideo(CogVideoX):
     def generate_one(self, request: GenerationRequest, generator: torch.Generator, num_inference_steps: int = 50,
                      guidance_scale: float = 6.0, fps: int = 8) -> Sample:
         image = self.load_image(request.image)
-        frames = self.pipe(image=image, prompt=request.prompt, height=self.height, width=self.width,
+        frames = self.pipeline(image=image, **self.prompt_arguments(request), height=self.height, width=self.width,
                            num_frames=self.num_frames, num_inference_steps=num_inference_steps,
                            guidance_scale=guidance_scale, max_sequence_length=self.max_sequence_length,
                            generator=generator, output_type="np").frames[0]

@@ -26,6 +26,7 @@ from finetune.family import GenerationRequest, Sample, parse_dtype
 from finetune.hub import resolve_pretrained
 from finetune.lora_formats.files import MODEL_KEY
 from recipes.cogview.cogview4 import BucketedImageFamily
+from recipes.diffusion.pipeline import load_pipeline
 from recipes.diffusion.objectives import sample_latents, v_prediction_loss
 
 LORA_FILE = "transformer_lora.safetensors"
@@ -60,15 +61,15 @@ class CogView3Plus(BucketedImageFamily):
                  min_side: int = 512, max_side: int = 2048, bucket_multiple: int = 32, max_pixels: int = 2**21,
                  checkpoint: str | None = None):
         super().__init__()
-        from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline
+        from diffusers import CogVideoXDDIMScheduler
 
         self.data_processor(height=height, width=width, bucket_pixels=bucket_pixels, min_side=min_side,
                             max_side=max_side, bucket_multiple=bucket_multiple, max_pixels=max_pixels)
         self.path, self.dtype_name = path, dtype
         self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
         local = self.checkpoint_dir = checkpoint or self.local_checkpoint(path)
-        self.attach_pipeline(CogView3PlusPipeline.from_pretrained(local, dtype=parse_dtype(dtype)))
-        self.scheduler = CogVideoXDDIMScheduler.from_config(self.pipe.scheduler.config)
+        self.attach_pipeline(load_pipeline("CogView3PlusPipeline", local, parse_dtype(dtype)))
+        self.scheduler = CogVideoXDDIMScheduler.from_config(self.pipeline.scheduler.config)
         if self.scheduler.config.prediction_type != "v_prediction":
             raise ValueError(f"{local}: scheduler prediction_type={self.scheduler.config.prediction_type!r}; "
                              f"this recipe trains v-prediction as CogView3-Plus does.")
@@ -90,20 +91,20 @@ class CogView3Plus(BucketedImageFamily):
         padded to `max_sequence_length`, as the pipeline, so no mask is needed)."""
         image = batch["image"].to(self.vae.device, self.vae.dtype)
         posterior = self.vae.encode(image).latent_dist
-        prompt_embeds, _ = self.pipe.encode_prompt(list(batch["prompt"]), do_classifier_free_guidance=False,
+        prompt_embeds, _ = self.pipeline.encode_prompt(list(batch["prompt"]), do_classifier_free_guidance=False,
                                                    max_sequence_length=self.max_sequence_length,
                                                    device=self.text_encoder.device)
         return {"latent_mean": posterior.mean, "latent_logvar": posterior.logvar, "prompt_embeds": prompt_embeds}
 
     def sample_latents(self, encoded: dict) -> torch.Tensor:
         """`latent_dist.sample() * scaling_factor` (the pipeline decodes `latents / scaling_factor`)."""
-        return sample_latents(encoded, self.vae.config.scaling_factor)
+        return sample_latents(encoded, self.component_config("vae").scaling_factor)
 
     def training_loss(self, encoded: dict, noise: torch.Tensor | None = None,
                       timesteps: torch.Tensor | None = None) -> torch.Tensor:
         x0 = self.sample_latents(encoded)
         batch, _, h, w = x0.shape
-        scale, dtype = self.pipe.vae_scale_factor, self.transformer_dtype
+        scale, dtype = self.pipeline.vae_scale_factor, self.transformer_dtype
         sizes = torch.tensor([[h * scale, w * scale]] * batch, dtype=dtype, device=x0.device)
         prompt_embeds = encoded["prompt_embeds"].to(dtype)
 

@@ -170,12 +170,13 @@ class CogView4(BucketedImageFamily):
             pipeline = load_pipeline("CogView4Pipeline", self.checkpoint_dir, parse_dtype(dtype), quantization)
         self.attach_pipeline(pipeline)
         install_masked_attention(self.transformer)
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
         # the transformer is told the unshifted sigma * 1000, as CogView4Pipeline (diffusers 0.42.1) does
         self.flow = FlowMatching(self.scheduler, sigma_sampling, logit_mean, logit_std, loss_weighting,
                                  timestep_shifted=False)
-        if self.vae.config.shift_factor not in (None, 0, 0.0):
-            raise ValueError(f"{self.checkpoint_dir or path}: vae.config.shift_factor={self.vae.config.shift_factor}, "
+        shift_factor = self.component_config("vae").shift_factor
+        if shift_factor not in (None, 0, 0.0):
+            raise ValueError(f"{self.checkpoint_dir or path}: vae.config.shift_factor={shift_factor}, "
                              f"but CogView4Pipeline decodes latents / scaling_factor without a shift; training would "
                              f"not match inference.")
 
@@ -205,7 +206,7 @@ class CogView4(BucketedImageFamily):
         for i, prompt in enumerate(batch["prompt"]):
             # One prompt at a time: the inference pipeline's own encoder, so the left padding (and the
             # unmasked GLM attention over it) is exactly what a single-prompt `pipe(prompt)` computes.
-            emb = self.pipe._get_glm_embeds([prompt], self.max_sequence_length, device, self.text_encoder.dtype)[0]
+            emb = self.pipeline._get_glm_embeds([prompt], self.max_sequence_length, device, self.text_encoder.dtype)[0]
             embeds[i, : emb.shape[0]] = emb
             lengths[i] = emb.shape[0]
         return {"latent_mean": posterior.mean, "latent_logvar": posterior.logvar,
@@ -214,13 +215,13 @@ class CogView4(BucketedImageFamily):
     # -- objective ------------------------------------------------------------------------------
     def sample_latents(self, encoded: dict) -> torch.Tensor:
         """`latent_dist.sample() * scaling_factor` (the pipeline decodes `latents / scaling_factor`)."""
-        return sample_latents(encoded, self.vae.config.scaling_factor)
+        return sample_latents(encoded, self.component_config("vae").scaling_factor)
 
     def shift_mu(self, height: int, width: int) -> float:
         """The pipeline's own `calculate_shift` on `image_seq_len = (H/8)(W/8)/patch^2`."""
         from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift
 
-        scale, patch = self.pipe.vae_scale_factor, self.transformer.config.patch_size
+        scale, patch = self.pipeline.vae_scale_factor, self.transformer.config.patch_size
         image_seq_len = (height // scale) * (width // scale) // patch**2
         cfg = self.scheduler.config
         return calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("base_shift", 0.25),
@@ -243,7 +244,7 @@ class CogView4(BucketedImageFamily):
                         x0: torch.Tensor | None = None) -> torch.Tensor:
         x0 = self.sample_latents(encoded) if x0 is None else x0
         batch, _, h, w = x0.shape
-        height, width = h * self.pipe.vae_scale_factor, w * self.pipe.vae_scale_factor
+        height, width = h * self.pipeline.vae_scale_factor, w * self.pipeline.vae_scale_factor
         embeds, mask = self.text_inputs(encoded)
         dtype = self.transformer_dtype
         sizes = torch.tensor([[height, width]] * batch, dtype=dtype, device=x0.device)

@@ -216,9 +216,8 @@ class CogView4Control(CogView4):
         if self.widened:
             widen_patch_embedding(self.transformer)
         self.widened_checked = False
-        components = {name: getattr(self.pipe, name) for name in
-                      ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")}
-        self.attach_pipeline(CogView4ControlPipeline(**components))
+        # the deferred VAE and text encoder stay unloaded (their meta placeholders): docs/memory.md#lazy-encoders
+        self.attach_pipeline(CogView4ControlPipeline(**self.pipeline_components()))
 
     def cache_namespace(self) -> str:
         return "control|" + super().cache_namespace()
@@ -239,7 +238,7 @@ class CogView4Control(CogView4):
     def control_latents(self, encoded: dict) -> torch.Tensor:
         """`(latent_dist.sample() - 0) * scaling_factor`: `CogView4ControlPipeline.__call__`'s control latents."""
         return sample_latents({"latent_mean": encoded["control_mean"], "latent_logvar": encoded["control_logvar"]},
-                              self.vae.config.scaling_factor)
+                              self.component_config("vae").scaling_factor)
 
     def transformer_input(self, x_t: torch.Tensor, encoded: dict) -> torch.Tensor:
         """`cat([x_t, control latents], dim=1)`, the pipeline's `latent_model_input`."""
@@ -339,7 +338,7 @@ class CogView4Control(CogView4):
             raise ValueError(f"callbacks.samples.prompts: {request.prompt!r} has no control_image; give each entry as "
                              f"{{prompt: ..., control_image: PATH}}.")
         control = (source if isinstance(source, Image.Image) else Image.open(source)).convert("RGB")
-        image = self.pipe(request.prompt, control_image=control, height=self.height, width=self.width,
+        image = self.pipeline(**self.prompt_arguments(request), control_image=control, height=self.height, width=self.width,
                           max_sequence_length=self.max_sequence_length, generator=generator,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale).images[0]
         return Sample("image", image, request.prompt, condition=control)

@@ -45,32 +45,181 @@ def base_quantization(quantize_base: str | None, compute_dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
 
 
-def load_pipeline(pipeline_class: str, directory: str, dtype: torch.dtype, quantization=None):
-    """`pipeline_class.from_pretrained(directory)` in `dtype`; with `quantization` (`base_quantization`) the
-    transformer is loaded quantized (onto the current CUDA device) and the rest as usual."""
+#: the frozen components of a diffusers family that only encoding and sampling run
+ENCODERS = ("vae", "text_encoder")
+#: those `load_pipeline` leaves unloaded, each loaded when a step runs it (docs/memory.md#lazy-encoders); () loads
+#: every component with the pipeline
+DEFERRED = ENCODERS
+
+
+def component_class(directory: str, name: str):
+    """The class `model_index.json` of `directory` names for the component `name` (diffusers or transformers)."""
+    import importlib
+
+    library, class_name = json.loads((Path(directory) / "model_index.json").read_text())[name]
+    return getattr(importlib.import_module(library), class_name)
+
+
+def placeholder(directory: str, name: str) -> nn.Module | None:
+    """The component `name` of `directory` built from its config on the meta device (no weights read, no memory):
+    what the pipeline's constructor reads of it (the VAE's scale factors) and what the family reads of its config,
+    without loading it. None for a transformers component (the pipelines read nothing of the text encoder)."""
+    cls = component_class(directory, name)
+    if not hasattr(cls, "from_config"):
+        return None
+    with torch.device("meta"):
+        return cls.from_config(cls.load_config(Path(directory) / name))
+
+
+def load_pipeline(pipeline_class: str, directory: str, dtype: torch.dtype, quantization=None,
+                  deferred: tuple[str, ...] | None = None):
+    """`pipeline_class.from_pretrained(directory)` in `dtype`, without loading the components named in `deferred`
+    (meta-device placeholders: `DiffusersFamily.attach_pipeline` loads them when a step needs them); with
+    `quantization` (`base_quantization`) the transformer is loaded quantized (onto the current CUDA device).
+
+    The transformer loads in `dtype` with diffusers' `low_cpu_mem_usage` (its default with accelerate): the weights
+    are read into an empty model, no fp32 copy is made on the host. It loads to the CPU: the Lightning strategy
+    moves it to this rank's device (under ddp_spawn a rank's device is not known while the model is built)."""
     import diffusers
 
     pipeline = getattr(diffusers, pipeline_class)
+    skipped = {name: placeholder(directory, name) for name in (DEFERRED if deferred is None else deferred)}
     if quantization is None:
-        return pipeline.from_pretrained(directory, dtype=dtype)
+        return pipeline.from_pretrained(directory, dtype=dtype, **skipped)
     config = json.loads((Path(directory) / "transformer" / "config.json").read_text())
     transformer = getattr(diffusers, config["_class_name"]).from_pretrained(
         directory, subfolder="transformer", quantization_config=quantization, dtype=dtype)
-    return pipeline.from_pretrained(directory, transformer=transformer, dtype=dtype)
+    return pipeline.from_pretrained(directory, transformer=transformer, dtype=dtype, **skipped)
+
+
+def _on_meta(module) -> bool:
+    return any(p.is_meta for p in module.parameters())
 
 
 class DiffusersFamily(ModelFamily):
     """Subclasses call `attach_pipeline(pipe)` with the loaded diffusers pipeline and implement
-    `generate_one`."""
+    `generate_one`. The VAE and the text encoder load when first used (`load_pipeline` defers them,
+    `load_component`), so a run that trains from a warm encoded cache never loads them (docs/memory.md#lazy-encoders);
+    `pipe` is the pipeline with everything loaded, `pipeline` as loaded so far."""
 
     prompt_keys = ("prompt_embeds",)  # what `encode` makes of the prompt (caption dropout replaces it)
 
     def attach_pipeline(self, pipe) -> None:
-        self.pipe = pipe
+        self.pipeline = pipe
         pipe.set_progress_bar_config(disable=True)
-        # nn.Module attributes so Lightning moves and checkpoints them; the pipeline shares them.
-        self.transformer, self.vae, self.text_encoder = pipe.transformer, pipe.vae, pipe.text_encoder
+        # nn.Module attributes so Lightning moves and checkpoints them; the pipeline shares them. The deferred
+        # components (`load_pipeline`: meta placeholders or None) load when first used (`load_component`).
+        # A subclass may attach another pipeline class built from `pipeline_components()` (CogView4 control): what
+        # the first attach learnt of the deferred components (their classes, meta placeholders) is kept.
+        self.transformer = pipe.transformer
+        previous = self.__dict__.get("component_placeholders", {}), self.__dict__.get("component_classes", {})
+        self.component_placeholders, self.component_classes = {}, {}
+        for name in ENCODERS:
+            module = getattr(pipe, name, None)
+            if module is not None and not _on_meta(module):
+                setattr(self, name, module)  # built in memory or loaded eagerly
+                continue
+            placeholder_module = module if module is not None else previous[0].get(name)
+            if placeholder_module is not None:
+                self.component_placeholders[name] = placeholder_module
+            if name in previous[1]:
+                self.component_classes[name] = previous[1][name]
+            elif getattr(self, "checkpoint_dir", None):
+                self.component_classes[name] = component_class(self.checkpoint_dir, name)
+            pipe.register_modules(**{name: None})
         self.requires_grad_(False)
+
+    def pipeline_components(self) -> dict:
+        """The pipeline's components, each deferred one not loaded yet as its meta placeholder (no memory): what a
+        subclass passes to another pipeline class (`CogView4ControlPipeline(**family.pipeline_components())`) before
+        `attach_pipeline`, so that the new pipeline reads the right VAE scale factors and nothing loads."""
+        components = dict(self.pipeline.components)
+        for name, module in self.component_placeholders.items():
+            if components.get(name) is None:
+                components[name] = module
+        return components
+
+    @property
+    def pipe(self):
+        """The diffusers pipeline with every component loaded (deferred ones load now): for code that runs the
+        pipeline as a whole. The family's own code uses `self.pipeline`, whose deferred components load only when a
+        step needs them (`load_component`)."""
+        for name in self.deferred_components():
+            getattr(self, name)
+        return self.pipeline
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # `self.vae`, `self.text_encoder` before they loaded: load now (code outside the engine, `cogft`)
+            if name in ENCODERS and name in self.__dict__.get("component_classes", {}):
+                return self.load_component(name)
+            raise
+
+    def deferred_components(self) -> tuple[str, ...]:
+        return tuple(name for name in ENCODERS if name in self.component_classes)
+
+    def component_config(self, name: str):
+        """The config of the component `name` (e.g. the VAE's scaling factor), without loading it."""
+        if self.component_loaded(name):
+            return getattr(self, name).config
+        return self.component_placeholders[name].config
+
+    def load_component(self, name: str) -> nn.Module:
+        """`name` from `checkpoint_dir/name` as `Pipeline.from_pretrained` loads it (the class `model_index.json`
+        names, the family's dtype), frozen, on the transformer's device, a child of the family and the pipeline."""
+        if self.component_loaded(name):
+            return getattr(self, name)
+        cls = self.component_classes[name]
+        module = cls.from_pretrained(str(Path(self.checkpoint_dir) / name), dtype=self.component_dtype)
+        module.requires_grad_(False).eval()
+        module.to(next(self.transformer.parameters()).device)
+        self.configure_component(name, module)
+        setattr(self, name, module)
+        self.pipeline.register_modules(**{name: module})
+        return module
+
+    def configure_component(self, name: str, module: nn.Module) -> None:
+        """A family's settings applied to a component just loaded (CogVideoX: VAE tiling)."""
+
+    def release_component(self, name: str) -> bool:
+        if name not in self.component_classes or not self.component_loaded(name):
+            return False
+        self._modules.pop(name, None)
+        self.__dict__.pop(name, None)
+        self.pipeline.register_modules(**{name: None})
+        return True
+
+    @property
+    def component_dtype(self) -> torch.dtype:
+        from finetune.family import parse_dtype
+
+        return parse_dtype(self.dtype_name)
+
+    def validation_components(self, prompts_cached: bool) -> tuple[str, ...]:
+        """The VAE (its decoder draws the sample), and the text encoder for prompts not in the cache."""
+        return ("vae",) if prompts_cached else ("vae", "text_encoder")
+
+    def prompt_components(self) -> tuple[str, ...]:
+        return ("text_encoder",)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The pipeline's own `encode_prompt` as its `__call__` runs it (no negative prompt, guidance on): the
+        prompt's and the empty negative prompt's embeddings, so a sample from them is the sample from the prompt."""
+        positive, negative = self.pipeline.encode_prompt(
+            list(prompts), negative_prompt=None, do_classifier_free_guidance=True,
+            max_sequence_length=self.max_sequence_length, device=self.text_encoder.device)
+        return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
+
+    def prompt_arguments(self, request: GenerationRequest) -> dict:
+        """The pipeline's prompt arguments for `request`: its cached embeddings when it carries them, else the
+        prompt (the pipeline runs the text encoder)."""
+        if request.embeddings is None:
+            return {"prompt": request.prompt}
+        device = next(self.transformer.parameters()).device
+        return {name: request.embeddings[name].to(device) for name in ("prompt_embeds", "negative_prompt_embeds")}
 
     @property
     def transformer_dtype(self) -> torch.dtype:
@@ -91,7 +240,10 @@ class DiffusersFamily(ModelFamily):
 
     def encoders(self) -> list[nn.Module]:
         """The VAE and the text encoder: with cached encodings training runs neither (validation samples do)."""
-        return [self.vae, self.text_encoder]
+        return [getattr(self, name) for name in self.encoder_names()]
+
+    def encoder_names(self) -> tuple[str, ...]:
+        return ("vae", "text_encoder")
 
     def encoder_files(self) -> str:
         """The encoders' files in the checkpoint (VAE, text encoder, tokenizer) as a digest, for `cache_namespace`:
@@ -304,6 +456,9 @@ class DiffusersFamily(ModelFamily):
     @torch.no_grad()
     def generate(self, requests: list[GenerationRequest], seed: int, **kwargs) -> list[Sample]:
         """One sample per request with the pipeline; request i draws from a CPU generator seeded seed + i."""
+        cached = all(request.embeddings is not None for request in requests)
+        for name in self.validation_components(cached):
+            getattr(self, name)  # loaded now if it was not (outside the engine, which loads them itself)
         return [self.generate_one(request, torch.Generator(device="cpu").manual_seed(seed + i), **kwargs)
                 for i, request in enumerate(requests)]
 
@@ -320,12 +475,12 @@ class DiffusersFamily(ModelFamily):
     def prepare_inference(self) -> None:
         """Eval mode, and the denoising steps' progress bar shown (the kit hides it during training)."""
         super().prepare_inference()
-        self.pipe.set_progress_bar_config(disable=False)
+        self.pipeline.set_progress_bar_config(disable=False)
 
     def generate_image(self, request: GenerationRequest, generator: torch.Generator,
                        num_inference_steps: int = 50, guidance_scale: float = 5.0) -> Sample:
         """An image at `self.height` x `self.width` (text-to-image families)."""
-        image = self.pipe(request.prompt, height=self.height, width=self.width,
+        image = self.pipeline(**self.prompt_arguments(request), height=self.height, width=self.width,
                           max_sequence_length=self.max_sequence_length, generator=generator,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale).images[0]
         return Sample("image", image, request.prompt)

@@ -153,12 +153,13 @@ def test_validation_requests_are_split_only_with_whole_weights():
 
 def test_ddp_matches_one_process_and_splits_validation(one_process, tmp_path):
     """Two spawned processes with a batch of 1 each train the adapter one process trains with a batch of 2; each rank
-    encodes its half of the samples into the (empty) cache; the 3 validation prompts are split 2 + 1 across the ranks
+    encodes its half of the samples (and of the validation prompts) into the (empty) cache; the 3 validation prompts are split 2 + 1 across the ranks
     and rank zero writes all of them, in order."""
     train(compose(overrides(tmp_path, *KEYED, "strategy=ddp_spawn", "trainer.devices=2", "data.batch_size=1",
                             "callbacks.samples.at_end=true", f"callbacks.samples.prompts={PROMPTS}",
                             f"module.cache_dir={tmp_path}/encoded")))
-    assert len(list((tmp_path / "encoded").rglob("*.safetensors"))) == 8  # every sample once, by one of the ranks
+    # every sample once, by one of the ranks, and the 3 validation prompts' embeddings (docs/memory.md#lazy-encoders)
+    assert len(list((tmp_path / "encoded").rglob("*.safetensors"))) == 8 + 3
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     reference = adapter(one_process)
     assert any(v.abs().max() > 0 for k, v in reference.items() if "lora_B" in k)  # it trained
