@@ -97,8 +97,24 @@ def no_wandb_run_left_open():
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cogft-cache")
+    """The kit's cache (tiny models, demo data, encodings) for this session. Under xdist its workers share one (in the
+    folder above each worker's own): what one builds the other reads instead of building it again (every entry is
+    written atomically, as when ranks share a cache), and the tiny CogVideoX most tests use is built first by one
+    worker while the other waits for it."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.mktemp("cogft-cache")
+        os.environ["COGFT_CACHE"] = str(path)
+        return path
+    from filelock import FileLock
+
+    from finetune.hub import resolve_pretrained
+    from recipes.cogvideox.tiny import save_tiny_cogvideox
+
+    path = tmp_path_factory.getbasetemp().parent / "cogft-cache"
+    path.mkdir(exist_ok=True)
     os.environ["COGFT_CACHE"] = str(path)
+    with FileLock(f"{path}.lock"):
+        resolve_pretrained("tiny", family="cogvideox", build_tiny=save_tiny_cogvideox)
     return path
 
 
