@@ -155,7 +155,7 @@ class CogVLMCaptioner:
 
     def _load(self, kind: str):
         if kind not in self._loaded:
-            from .family import load_tokenizer
+            from .tokenizer import load_tokenizer
 
             local = resolve_caption_model(self.models[kind], video=kind == "video")
             cls = CogVLMVideoForCausalLM if kind == "video" else CogVLMForCausalLM

@@ -65,9 +65,17 @@ def build_conversation_input_ids(
         # Placeholders: the model writes the image features over the vision-token positions.
         input_ids += [tokenizer.pad_token_id] * image_token_count
         token_type_ids += [VISION_TOKEN_TYPE] * image_token_count
-    text_ids = tokenizer.encode(history_to_prompt(template_version, history, query), add_special_tokens=False)
-    input_ids += text_ids
-    token_type_ids += [LANGUAGE_TOKEN_TYPE] * len(text_ids)
+    return text_sample(tokenizer, input_ids, token_type_ids, history_to_prompt(template_version, history, query),
+                       answer)
+
+
+def text_sample(tokenizer, input_ids: list[int], token_type_ids: list[int], prompt: str,
+                answer: str | None = None) -> dict[str, torch.Tensor]:
+    """The sample's tail after its image tokens: `prompt` (+ `answer` + EOS, the labels IGNORE_INDEX elsewhere),
+    language tokens, appended to `input_ids` / `token_type_ids`; the sample as 1-D LongTensors."""
+    text_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    input_ids = input_ids + text_ids
+    token_type_ids = token_type_ids + [LANGUAGE_TOKEN_TYPE] * len(text_ids)
     sample = {}
     if answer is not None:
         answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]

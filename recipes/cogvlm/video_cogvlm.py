@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .configuration_cogvlm import CogVLMConfig
 from .modeling_cogvlm import CogVLMForCausalLM
-from .prompting import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, history_to_prompt
+from .prompting import CLIP_MEAN, CLIP_STD, history_to_prompt, text_sample
 from .tokens import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
 
 #: The prompt of THUDM/CogVideo `tools/caption/video_caption.py` (the captions CogVideoX was trained on).
@@ -108,19 +108,8 @@ def build_video_conversation_input_ids(tokenizer, query: str, num_frames: int, t
             time_ids = tokenizer.encode(str(index), add_special_tokens=False)
             input_ids += time_ids
             token_type_ids += [LANGUAGE_TOKEN_TYPE] * len(time_ids)
-    text_ids = tokenizer.encode(history_to_prompt(template_version, history, query), add_special_tokens=False)
-    input_ids += text_ids
-    token_type_ids += [LANGUAGE_TOKEN_TYPE] * len(text_ids)
-    sample = {}
-    if answer is not None:
-        answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-        sample["labels"] = torch.tensor([IGNORE_INDEX] * len(input_ids) + answer_ids)
-        input_ids += answer_ids
-        token_type_ids += [LANGUAGE_TOKEN_TYPE] * len(answer_ids)
-    sample["input_ids"] = torch.tensor(input_ids)
-    sample["token_type_ids"] = torch.tensor(token_type_ids)
-    sample["attention_mask"] = torch.ones(len(input_ids), dtype=torch.long)
-    return sample
+    return text_sample(tokenizer, input_ids, token_type_ids, history_to_prompt(template_version, history, query),
+                       answer)
 
 
 def flatten_frames(images) -> torch.Tensor | None:
