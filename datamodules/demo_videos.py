@@ -63,3 +63,32 @@ def _write_videos(root: Path, count: int, frames: int, size: int, fps: int) -> N
         videos.append(name)
     (root / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
     (root / "videos.txt").write_text("\n".join(videos) + "\n", encoding="utf-8")
+
+
+def write_raw_clips(folder: str | Path, count: int = 8, frames: int = 17, size: int = 64, fps: int = 8) -> Path:
+    """The demo clips alone, without captions (`clip_NNNN.mp4` in `folder`): what a user's footage is before
+    `cogft caption` (README "Preparing data")."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    combos = list(itertools.product(COLOURS, SHAPES, MOTIONS))
+    for i in range(count):
+        colour, shape, motion = combos[(i * 13) % len(combos)]
+        write_video(folder / f"clip_{i:04d}.mp4", render(colour, shape, motion, frames, size), fps=fps)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m datamodules.demo_videos",
+                                     description="Write the demo clips without captions into a folder.")
+    parser.add_argument("folder")
+    parser.add_argument("--count", type=int, default=8)
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        parser.error(f"--count {args.count}: use 1 or more")
+    print(write_raw_clips(args.folder, args.count))
+
+
+if __name__ == "__main__":
+    main()

@@ -140,6 +140,7 @@ RUN_BY = {
     "torchrun ": "tests/finetune/test_distributed.py::test_readme_torchrun_command (the torchrun block)",
     "python -m recipes.cogvlm.predict ": "tests/test_readme.py::test_predict_command_from_readme (the predict block)",
     "python bench/": "test_bench_commands_parse, here",
+    "python -m datamodules.demo_videos ": "tests/test_readme.py::test_prepare_data_commands_go_from_raw_clips_to_a_lora",
     "srun python train.py ": "tests/finetune/test_interrupt.py::test_the_sbatch_example_composes (the sbatch block)",
 }
 # README's install and test commands: .ci/run runs them on a clean checkout.
@@ -165,7 +166,8 @@ def test_every_command_is_run_or_composed():
         if kind is None:
             unknown.append(f"{page}: {line}")
         elif kind == "cogft ":
-            assert page == "docs/cogft.md", f"{page}: {line}: cogft commands are run from docs/cogft.md"
+            assert page == "docs/cogft.md" or (page, marker) == ("README.md", "prepare"), \
+                f"{page}: {line}: cogft commands are run from docs/cogft.md (or README's prepare block)"
         elif kind == "torchrun ":
             assert marker == "torchrun" and page == "docs/scaling.md", f"{page}: {line}"
         elif kind.startswith("python -m recipes.cogvlm.predict"):

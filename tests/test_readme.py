@@ -53,6 +53,7 @@ def test_every_train_command_composes():
 
 TINY_COMMANDS = [c for c in train_commands() if "preset=tiny" in c and "run_dir=" not in c
                  and "model.path=outputs/" not in c  # starts from another command's export: chained below
+                 and "data.root=captioned" not in c  # the "Preparing data" block's: chained below
                  and c != "python train.py recipe=cogvideox_lora preset=tiny"]
 
 
@@ -188,3 +189,35 @@ def test_merge_snippet_from_readme(tiny_cogvlm, cogvlm_export, tmp_path, monkeyp
         with safe_open(str(shard), "pt") as f:
             base |= set(f.keys())
     assert keys == base  # the merged model has exactly the base checkpoint's key names
+
+
+@pytest.mark.slow
+def test_prepare_data_commands_go_from_raw_clips_to_a_lora(tmp_path, monkeypatch, capsys):
+    """README "Preparing data": raw clips, `cogft caption`, `cogft data` with a contact sheet, train.py on the
+    captioned folder, in order and in one working directory as a user types them (training shortened)."""
+    from datamodules.demo_videos import main as write_clips
+    from finetune.cogft import run as cogft
+    from finetune.run import train
+
+    lines = block_after("prepare", "README.md").splitlines()
+    assert [line.split()[:3] for line in lines] == [["python", "-m", "datamodules.demo_videos"],
+                                                    ["cogft", "caption", "raw_clips"],
+                                                    ["cogft", "data", "captioned"],
+                                                    ["python", "train.py", "recipe=cogvideox_lora"]]
+    monkeypatch.chdir(tmp_path)
+    write_clips(shlex.split(lines[0])[3:])
+    assert len(list((tmp_path / "raw_clips").glob("*.mp4"))) == 8
+    assert not list((tmp_path / "raw_clips").glob("*.txt"))  # no captions: raw footage
+    summary = cogft(shlex.split(lines[1])[1:] + ["--no-progress"])
+    assert summary["files"] == summary["captioned"] == 8
+    captioned = (tmp_path / "captioned" / "videos.txt").read_text().split()
+    assert captioned and len(captioned) == 8 - len(summary["empty"])
+    capsys.readouterr()
+    cogft(shlex.split(lines[2])[1:])
+    report = capsys.readouterr().out
+    assert f"data: {len(captioned)} samples ({len(captioned)} videos)" in report, report
+    assert (tmp_path / "sheet.png").stat().st_size > 0
+    run_dir = tmp_path / "run"
+    train(compose(shlex.split(lines[3])[2:] + [f"run_dir={run_dir}", "logger=csv", "trainer.max_steps=4",
+                                               "callbacks.samples.every_n_steps=0"]))
+    assert (run_dir / "export" / "pytorch_lora_weights.safetensors").stat().st_size > 0
