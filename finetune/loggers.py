@@ -89,6 +89,7 @@ class BackgroundWandbLogger(WandbLogger):
         self._starter: threading.Thread | None = None
         self._start_error: BaseException | None = None
         self._pending: dict | None = None  # hyperparameters logged while the run starts
+        self._deferred: list = []  # `after_start` work waiting for the run
         self._lock = threading.Lock()
 
     @property
@@ -109,8 +110,11 @@ class BackgroundWandbLogger(WandbLogger):
             run = WandbLogger.experiment.fget(self)
             with self._lock:
                 params, self._pending = self._pending, None
+                deferred, self._deferred = self._deferred, []
             if params:
                 run.config.update(params, allow_val_change=True)
+            for work in deferred:
+                _run_logging_work(work, run)
         except BaseException as err:  # raised where the run is first needed
             self._start_error = err
         finally:
@@ -140,6 +144,27 @@ class BackgroundWandbLogger(WandbLogger):
         self._wait_for_start()
         return WandbLogger.experiment.fget(self)
 
+    def after_start(self, work) -> None:
+        """`work(run)` once the W&B run is up: in the starting thread while it starts (the caller goes on at once),
+        else now. What it logs is not needed by the run itself (the data report, its contact sheet); an error in it
+        is a warning, not the run's end."""
+        with self._lock:
+            if self._pending is not None:
+                self._deferred.append(work)
+                return
+        _run_logging_work(work, self.run())
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step=None) -> None:
+        """While the run starts, the metrics wait for it in the starting thread (the validation baseline's, logged
+        before step 1, would otherwise hold the first step for W&B's start); later ones come after them in order."""
+        with self._lock:
+            if self._pending is not None:
+                metrics = dict(metrics)
+                self._deferred.append(lambda run: WandbLogger.log_metrics(self, metrics, step))
+                return
+        super().log_metrics(metrics, step)
+
     @rank_zero_only
     def log_hyperparams(self, params) -> None:
         params = _convert_json_serializable(_sanitize_callable_params(_convert_params(params)))
@@ -152,7 +177,7 @@ class BackgroundWandbLogger(WandbLogger):
     def __getstate__(self) -> dict:
         self._wait_for_start()
         state = super().__getstate__()  # Lightning's spawn launcher re-attaches to the run
-        state.update(_starter=None, _start_error=None, _pending=None, _lock=None)
+        state.update(_starter=None, _start_error=None, _pending=None, _deferred=[], _lock=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -233,6 +258,16 @@ class RunningMean:
         mean = float(self.total) / self.count
         self.total, self.count = None, 0
         return mean
+
+
+def _run_logging_work(work, run) -> None:
+    try:
+        work(run)
+    except Exception as err:  # noqa: BLE001 - logging extras never end a run
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"W&B: {getattr(work, '__name__', 'logging')} failed ({type(err).__name__}: {err}); the run "
+                       f"goes on without it.")
 
 
 class _StartingRun:

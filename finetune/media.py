@@ -48,7 +48,10 @@ def log_samples(loggers: list[Logger], samples: list[Sample], paths: list[Path],
                 logged[f"{key}_condition"] = [wandb.Image(str(condition_path(p)), caption=s.caption)
                                               for s, p in zip(samples, paths) if s.condition is not None]
             logged.update(wandb_grids(paths[0].parent) if paths else {})  # `val/grid`, `val/grid_video`
-            logger.experiment.log(logged)
+            if hasattr(logger, "after_start"):  # a W&B run still starting: logged by its starting thread
+                logger.after_start(lambda run, logged=logged: run.log(logged))
+            else:
+                logger.experiment.log(logged)
     if paths and (paths[0].parent / "grid.png").exists():
         tensorboard_image(loggers, "val/grid", paths[0].parent / "grid.png", step)
 

@@ -54,11 +54,12 @@ def test_wandb_starts_in_the_background_and_keeps_what_was_logged_meanwhile(tmp_
     assert logger.starting  # wandb.init runs in its thread; nothing here waited for it
     logger.log_hyperparams({"optimizer": {"lr": 0.5}})
     stand_in = logger.experiment  # what Lightning's setup touches: answered without waiting
-    logger.log_metrics({"train/loss": 1.0}, step=3)  # waits for the run
-    run = logger.experiment
+    logger.log_metrics({"train/loss": 1.0}, step=3)  # queued for the starting thread (the baseline's metrics)
+    run = logger.run()  # waits for the run
     try:
         assert not logger.starting and stand_in.id == run.id == logger.version
         assert run.config.as_dict()["optimizer"] == {"lr": 0.5}
+        assert run.summary["train/loss"] == 1.0 and run.summary["trainer/global_step"] == 3  # by the starting thread
     finally:
         run.finish()
 
@@ -96,3 +97,42 @@ def _exit_with(finished) -> None:
     import os
 
     os._exit(0 if finished.is_set() else 1)
+
+
+def test_work_after_the_wandb_start_runs_in_the_starting_thread_and_does_not_end_the_run(tmp_path, monkeypatch):
+    """`after_start` (the data report and its contact sheet): while W&B starts, the caller does not wait; the work
+    runs in the starting thread once the run is up; one that fails is a warning; once started, it runs at once."""
+    import threading
+    import time
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    from finetune.loggers import BackgroundWandbLogger
+
+    release, run = threading.Event(), object()
+
+    def slow_start(self):
+        release.wait(10)
+        return run
+
+    monkeypatch.setattr(WandbLogger, "experiment", property(slow_start))
+    logger = BackgroundWandbLogger(save_dir=str(tmp_path), offline=True)
+    logger.start()
+    done: list = []
+
+    def work(got):
+        done.append((got, threading.current_thread().name))
+
+    def broken(got):
+        raise RuntimeError("no sheet")
+
+    began = time.perf_counter()
+    logger.after_start(work)
+    logger.after_start(broken)
+    assert time.perf_counter() - began < 0.5 and done == []  # queued: the start is still waiting
+    release.set()
+    with pytest.warns(UserWarning, match="broken failed .*no sheet"):
+        logger._wait_for_start()
+    assert done == [(run, "wandb-start")]
+    logger.after_start(work)  # started: now, in this thread
+    assert done[-1] == (run, threading.current_thread().name)
