@@ -147,8 +147,10 @@ def log_data_report(trainer: L.Trainer, datamodule, run_dir: Path) -> None:
     if report is None or trainer.global_rank != 0 or \
             not any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
         return
-    rows = report_rows(datamodule)
-    log_report(trainer.loggers, report, lambda: contact_sheet(rows, run_dir / "data_sheet.png", limit=SHEET_LIMIT))
+    # drawn here, not in W&B's starting thread: no video decoding in a second thread of a process that forks loader
+    # workers
+    sheet = contact_sheet(report_rows(datamodule), run_dir / "data_sheet.png", limit=SHEET_LIMIT)
+    log_report(trainer.loggers, report, sheet)
 
 
 def build(cfg: DictConfig, checked: bool = False) -> tuple[L.Trainer, FinetuneModule, L.LightningDataModule,
