@@ -30,57 +30,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end subprocess runs")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks into node ids
 def pytest_collection_modifyitems(config, items):
-    schedule(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def schedule(items: list) -> None:
-    """Order and group the tests for xdist (`--dist loadgroup --no-loadscope-reorder` in pyproject.toml), the results
-    unchanged. The tests that share a module-scoped fixture (a reference run, a trained export) go to one worker as
-    one group, so the fixture is built once instead of once per worker. The work that takes longest starts first
-    (the groups and the `slow` subprocess runs that hold them, then the other slow runs, then the other groups, then
-    the rest, each in file order), so that both workers finish together instead of one waiting for a long run that
-    started last."""
-    parent: dict[str, str] = {}  # the fixtures of one file that some test uses together share one group
-
-    def root(key: str) -> str:
-        while parent.setdefault(key, key) != key:
-            key = parent[key]
-        return key
-
-    shared_of = {}
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        shared = [f"{item.path.stem}.{name}" for name, defs in (info.name2fixturedefs.items() if info else ())
-                  if defs and defs[-1].scope in ("module", "package", "class")]
-        for key in shared[1:]:
-            parent[root(key)] = root(shared[0])
-        shared_of[id(item)] = shared
-    groups: dict[str, list] = {}
-    for item in items:
-        if shared_of[id(item)]:
-            group = root(shared_of[id(item)][0])
-            item.add_marker(pytest.mark.xdist_group(group))
-            groups.setdefault(group, []).append(item)
-    group_of = {id(item): group for group, members in groups.items() for item in members}
-    slow_groups = {g for g, members in groups.items() if any("slow" in m.keywords for m in members)}
-
-    def rank(item) -> int:
-        group = group_of.get(id(item))
-        if group in slow_groups:
-            return 0
-        if "slow" in item.keywords:
-            return 1
-        return 2 if group else 3
-
-    items.sort(key=rank)  # stable: file order within each rank
 
 
 @pytest.fixture(autouse=True)
@@ -97,24 +53,8 @@ def no_wandb_run_left_open():
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory) -> Path:
-    """The kit's cache (tiny models, demo data, encodings) for this session. Under xdist its workers share one (in the
-    folder above each worker's own): what one builds the other reads instead of building it again (every entry is
-    written atomically, as when ranks share a cache), and the tiny CogVideoX most tests use is built first by one
-    worker while the other waits for it."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        path = tmp_path_factory.mktemp("cogft-cache")
-        os.environ["COGFT_CACHE"] = str(path)
-        return path
-    from filelock import FileLock
-
-    from finetune.hub import resolve_pretrained
-    from recipes.cogvideox.tiny import save_tiny_cogvideox
-
-    path = tmp_path_factory.getbasetemp().parent / "cogft-cache"
-    path.mkdir(exist_ok=True)
+    path = tmp_path_factory.mktemp("cogft-cache")
     os.environ["COGFT_CACHE"] = str(path)
-    with FileLock(f"{path}.lock"):
-        resolve_pretrained("tiny", family="cogvideox", build_tiny=save_tiny_cogvideox)
     return path
 
 

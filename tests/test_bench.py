@@ -2,7 +2,6 @@
 
 import sys
 
-import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -55,7 +54,6 @@ def test_step_overhead_kit_and_bare_loop_at_a_tiny_size():
     assert pair["wall"]["kit_ms"] > 0 and pair["wall"]["bare_ms"] > 0 and pair["cpu"]["ratio"] > 0
 
 
-@pytest.mark.slow  # the demo as a process: started first (conftest.schedule)
 def test_startup_phases_of_the_demo(cache_dir):
     """bench/startup.py: one run of the demo command to its first optimizer step, every phase timed."""
     from startup import PHASES, main

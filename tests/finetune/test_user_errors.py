@@ -43,7 +43,6 @@ def test_a_bad_group_choice_lists_the_options(tmp_path):
     assert_one_line_error(result, "strategy/fsdpp", "fsdp2", "deepspeed_zero2")
 
 
-@pytest.mark.slow  # three train.py processes: started first (conftest.schedule)
 def test_a_data_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     args = ("recipe=cogvideox_lora", "preset=tiny", "logger=csv", "data.root=/no/such/folder", f"run_dir={tmp_path}")
     assert_one_line_error(train_py(*args), "data.root='/no/such/folder'", "data.root=demo")
