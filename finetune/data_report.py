@@ -17,8 +17,6 @@ and own size, and a `thumbnail()` of it; `datamodules/images.py`, `datamodules/v
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import json
 import statistics
 import textwrap
@@ -213,24 +211,22 @@ def sheet_tiles(rows: list[dict], limit: int | None = None) -> int:
     return len(rows) if limit is None else min(len(rows), limit)
 
 
-def log_report(loggers, report: DataReport, sheet: Path | None | Callable[[], Path | None]) -> None:
+def log_report(loggers, report: DataReport, sheet: Path | None) -> None:
     """To W&B: the report as `data/report` (text) and its numbers in the run summary, the sheet as `data/sheet`.
-    `sheet` may be a function that draws it: with a W&B run still starting in the background
-    (`finetune.loggers.BackgroundWandbLogger`) the drawing and the logging happen in the starting thread, so the
-    run's start does not wait for W&B (0.75 s of the tiny demo's start) or for the sheet."""
+    With a W&B run still starting in the background (`finetune.loggers.BackgroundWandbLogger.after_start`) the
+    logging happens in its starting thread, so the run's start does not wait for W&B (0.75 s of the tiny demo's)."""
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in loggers:
         if not isinstance(logger, WandbLogger):
             continue
 
-        def log_data_report(run, sheet=sheet) -> None:
+        def log_data_report(run) -> None:
             import wandb
 
-            drawn = sheet() if callable(sheet) else sheet
             logged = {"data/report": wandb.Html("<pre>" + _escape(report.text()) + "</pre>")}
-            if drawn is not None:
-                logged["data/sheet"] = wandb.Image(str(drawn), caption=f"{report.samples} samples by bucket")
+            if sheet is not None:
+                logged["data/sheet"] = wandb.Image(str(sheet), caption=f"{report.samples} samples by bucket")
             run.log(logged)
             run.summary["data/samples"] = report.samples
             run.summary["data/long_captions"] = len(report.long)
